@@ -1,0 +1,16 @@
+"""ConvNeXt zoo entries: an exit after each of the four stages (``conv`` exit heads).
+
+Depth k runs the stem, the first k stages and exit k; the deepest depth is the plain timm
+model with its own head. Pass ``plan="blocks"`` for EKD-style block skipping instead.
+"""
+from .._registry import register_model
+from ._builder import build_coop_model, zoo_cfgs
+from .depth_adaptive import DepthAdaptiveModel
+
+default_cfgs = zoo_cfgs('coop_convnext_tiny')
+
+
+@register_model
+def coop_convnext_tiny(pretrained: bool = False, **kwargs) -> DepthAdaptiveModel:
+    """ConvNeXt-Tiny (convnext_tiny) as a depth-adaptive model."""
+    return build_coop_model('coop_convnext_tiny', 'convnext_tiny', pretrained, **kwargs)

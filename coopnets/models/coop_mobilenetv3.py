@@ -1,0 +1,16 @@
+"""MobileNetV3 zoo entries: an exit after each feature stage past the stem (``conv`` exit heads).
+
+Depth k runs the stem, the first k stages and exit k; the deepest depth is the plain timm
+model with its own head. Pass ``plan="blocks"`` for EKD-style block skipping instead.
+"""
+from .._registry import register_model
+from ._builder import build_coop_model, zoo_cfgs
+from .depth_adaptive import DepthAdaptiveModel
+
+default_cfgs = zoo_cfgs('coop_mobilenetv3_large_100')
+
+
+@register_model
+def coop_mobilenetv3_large_100(pretrained: bool = False, **kwargs) -> DepthAdaptiveModel:
+    """MobileNetV3-Large 1.0 (mobilenetv3_large_100) as a depth-adaptive model."""
+    return build_coop_model('coop_mobilenetv3_large_100', 'mobilenetv3_large_100', pretrained, **kwargs)

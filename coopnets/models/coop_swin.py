@@ -1,0 +1,16 @@
+"""Swin Transformer zoo entries: an exit after each of the four stages (``linear`` exit heads).
+
+Depth k runs the stem, the first k stages and exit k; the deepest depth is the plain timm
+model with its own head. Pass ``plan="blocks"`` for EKD-style block skipping instead.
+"""
+from .._registry import register_model
+from ._builder import build_coop_model, zoo_cfgs
+from .depth_adaptive import DepthAdaptiveModel
+
+default_cfgs = zoo_cfgs('coop_swin_tiny_patch4_window7_224')
+
+
+@register_model
+def coop_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs) -> DepthAdaptiveModel:
+    """Swin-T (swin_tiny_patch4_window7_224) as a depth-adaptive model."""
+    return build_coop_model('coop_swin_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224', pretrained, **kwargs)

@@ -1,0 +1,155 @@
+"""Per-depth cost of a depth-adaptive model: parameters used, FLOPs, measured latency.
+
+Parameters are counted from the modules a forward pass at that depth actually calls
+(forward hooks), so unused stages and exit heads are not counted and the exit head in
+use is. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``. Latency is the
+median of ``repeats`` timed passes after ``warmup`` untimed ones, in inference mode.
+
+Example:
+    >>> import coopnets
+    >>> m = coopnets.create_model("coop_resnet18", num_classes=10)
+    >>> rows = coopnets.profile(m, input_size=(3, 64, 64), repeats=3, print_table=False)
+    >>> [r["depth"] for r in rows]
+    [1, 2, 3, 4]
+    >>> rows[0]["flops"] < rows[-1]["flops"]
+    True
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models.depth_adaptive import DepthAdaptiveModel
+
+
+@contextmanager
+def record_calls(model: nn.Module) -> Iterator[Dict[str, int]]:
+    """Count how often each named submodule's forward runs inside the block.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> with record_calls(net) as calls:
+        ...     _ = net(torch.randn(1, 2))
+        >>> calls["0"], calls["1"]
+        (1, 1)
+    """
+    calls: Dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m, _i, _o, name=name):
+            calls[name] = calls.get(name, 0) + 1
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def used_parameters(model: nn.Module, called: Set[str]) -> int:
+    """Parameters of ``model`` that belong to called modules.
+
+    A parameter owned directly by a module that was not itself called (a ViT's
+    ``pos_embed`` on the root model) counts when any of that module's children ran.
+    """
+    total = 0
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if not own:
+            continue
+        prefix = name + "." if name else ""
+        if name in called or any(c.startswith(prefix) for c in called):
+            total += own
+    return total
+
+
+def measure_latency(fn, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def profile(
+    model: DepthAdaptiveModel,
+    input_size: Sequence[int] = (3, 224, 224),
+    batch_size: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: Optional[torch.device] = None,
+    print_table: bool = True,
+) -> List[Dict[str, Any]]:
+    """Measure every depth of ``model``: params used, FLOPs and median latency.
+
+    Returns one dict per depth (``depth, params, flops, latency_ms, flops_ratio,
+    latency_ratio``); ratios are relative to full depth. Prints a table unless
+    ``print_table=False`` (see :func:`format_table`).
+    """
+    device = device or next(model.parameters()).device
+    was_training, previous = model.training, model.depth
+    model.eval()
+    x = torch.randn(batch_size, *input_size, device=device)
+    rows = []
+    try:
+        with torch.inference_mode():
+            for depth in range(1, model.num_depths + 1):
+                model.set_depth(depth)
+                with record_calls(model) as calls:
+                    model(x)
+                with FlopCounterMode(display=False) as counter:
+                    model(x)
+                latency = measure_latency(lambda: model(x), repeats=repeats, warmup=warmup)
+                rows.append({
+                    "depth": depth,
+                    "params": used_parameters(model, set(calls)),
+                    "flops": int(counter.get_total_flops()),
+                    "latency_ms": latency,
+                })
+    finally:
+        model.set_depth(previous)
+        model.train(was_training)
+    full = rows[-1]
+    for r in rows:
+        r["flops_ratio"] = r["flops"] / full["flops"] if full["flops"] else float("nan")
+        r["latency_ratio"] = r["latency_ms"] / full["latency_ms"]
+        r["batch_size"] = batch_size
+        r["device"] = str(device)
+    if print_table:
+        print(format_table(rows))
+    return rows
+
+
+def format_table(rows: Sequence[Dict[str, Any]], extra: Tuple[str, ...] = ()) -> str:
+    """A Markdown table of :func:`profile` rows (plus ``extra`` columns such as ``accuracy``)."""
+    cols = ["depth", *extra, "params (M)", "GFLOPs", "latency (ms)", "FLOPs ratio", "latency ratio"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        vals = [str(r["depth"])]
+        for key in extra:
+            v = r.get(key)
+            vals.append(f"{v:.4f}" if isinstance(v, float) else str(v))
+        vals += [
+            f"{r['params'] / 1e6:.3f}",
+            f"{r['flops'] / 1e9:.4f}",
+            f"{r['latency_ms']:.2f}",
+            f"{r['flops_ratio']:.3f}",
+            f"{r['latency_ratio']:.3f}",
+        ]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# coopnets set-up and entry points. Each command builds .venv/ on first use.
+#   ./run.sh main   - the main job on the embedded default data (digits)
+#   ./run.sh test   - the test suite
+#   ./run.sh env    - only build/refresh the virtual environment
+#
+# The virtual environment gets torch and torchvision from the package registry as one
+# matching pair. PIP_FIND_LINKS is emptied on purpose: this kind of machine prefers a
+# local CPU-only torch wheel through its pip config, and the registry's torchvision does
+# not load against it ("operator torchvision::nms does not exist").
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${COOPNETS_VENV:-.venv}"
+PY="$VENV/bin/python"
+
+ensure_env() {
+  local stamp="$VENV/.coopnets-installed"
+  local want
+  want=$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return
+  fi
+  echo "[run.sh] building $VENV (torch + torchvision from the registry, as a pair)" >&2
+  [ -x "$PY" ] || python3 -m venv "$VENV"
+  PIP_FIND_LINKS= "$PY" -m pip install --upgrade --quiet pip
+  PIP_FIND_LINKS= "$PY" -m pip install --quiet -e '.[test,export]'
+  "$PY" -c "import torch, torchvision, timm; print(f'[run.sh] torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}')" >&2
+  echo "$want" > "$stamp"
+}
+
+cmd="${1:-main}"
+shift || true
+case "$cmd" in
+  env)  ensure_env ;;
+  main) ensure_env; exec "$VENV/bin/coopnets" demo "$@" ;;
+  test) ensure_env; exec "$PY" -m pytest "$@" ;;
+  *) echo "usage: ./run.sh {main|test|env} [args...]" >&2; exit 2 ;;
+esac
