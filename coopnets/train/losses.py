@@ -1,0 +1,62 @@
+"""Loss terms shared by every training recipe (each exists once, here).
+
+* :func:`ce` -- cross-entropy on labels.
+* :func:`kd` -- temperature-scaled KL divergence from a (detached) teacher's
+  distribution to a student's, multiplied by ``T**2`` so gradients keep their scale
+  (Hinton et al.).
+* :func:`attention_map` / :func:`attention_loss` -- spatial attention transfer
+  (Zagoruyko & Komodakis): the channel-wise mean of squared activations, flattened and
+  L2-normalised; the loss is the mean squared distance between two maps, resized to
+  the teacher's resolution when they differ.
+* :func:`feature_mse` -- mean squared error between embeddings (feature hints).
+
+Example:
+    >>> import torch
+    >>> s, t = torch.randn(4, 10), torch.randn(4, 10)
+    >>> float(kd(t, t, temperature=4.0)) == 0.0
+    True
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ce(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against integer labels ``target``."""
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+
+def kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0, detach: bool = True) -> torch.Tensor:
+    """``T**2 * KL(softmax(teacher/T) || softmax(student/T))``, batch-mean.
+
+    The teacher is detached unless ``detach=False`` (used when the teacher itself is a
+    trainable module that should learn from this term).
+    """
+    if detach:
+        teacher = teacher.detach()
+    t = temperature
+    log_p_s = F.log_softmax(student / t, dim=-1)
+    log_p_t = F.log_softmax(teacher / t, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+def attention_map(feat: torch.Tensor) -> torch.Tensor:
+    """Spatial attention of an NCHW map: mean over channels of squares, flattened, L2-normalised."""
+    return F.normalize(feat.pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_loss(student: torch.Tensor, teacher: torch.Tensor, detach: bool = True) -> torch.Tensor:
+    """Mean squared distance between the attention maps of two NCHW feature maps."""
+    if detach:
+        teacher = teacher.detach()
+    if student.shape[-2:] != teacher.shape[-2:]:
+        student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+    return (attention_map(student) - attention_map(teacher)).pow(2).mean()
+
+
+def feature_mse(student: torch.Tensor, teacher: torch.Tensor, detach: bool = True) -> torch.Tensor:
+    """Mean squared error between two embeddings of equal shape."""
+    if detach:
+        teacher = teacher.detach()
+    return F.mse_loss(student, teacher)

@@ -1,0 +1,112 @@
+"""The recipe interface: what a training method is, so that one trainer runs them all.
+
+A :class:`Recipe` is an ``nn.Module`` that owns every trainable part of a method (the
+depth-adaptive nets, a Leader, weighting modules...) and whose ``forward(x, y)`` returns
+the training loss. The trainer (:mod:`coopnets.train.trainer`) builds one optimizer over
+``recipe.parameters()``, wraps the recipe in DistributedDataParallel when distributed,
+and validates ``recipe.eval_models()`` at every depth each epoch. Methods therefore only
+differ in this file's subclasses; the loop, checkpoints, metrics and plots exist once.
+
+Recipes register themselves by name with :func:`register_recipe`; :func:`create_recipe`
+builds one (unknown names list the valid ones).
+
+Example:
+    >>> import torch, coopnets
+    >>> from coopnets.train.recipe import create_recipe
+    >>> recipe = create_recipe("multi_exit", lambda: coopnets.wrap("test_resnet", num_classes=3))
+    >>> out = recipe(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))
+    >>> out.loss.ndim, len(out.logits)
+    (0, 4)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Type
+
+import torch
+from torch import nn
+
+from ..models.depth_adaptive import DepthAdaptiveModel
+
+ModelFactory = Callable[[], DepthAdaptiveModel]
+
+
+@dataclass
+class RecipeOutput:
+    """What ``Recipe.forward`` returns.
+
+    Attributes:
+        loss: scalar training loss (what the trainer back-propagates).
+        logits: per-depth logits of the main net (for running train accuracy).
+        terms: named loss terms, detached, for logging.
+    """
+
+    loss: torch.Tensor
+    logits: List[torch.Tensor]
+    terms: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RecipeConfig:
+    """Base of every recipe's config: documented weights and temperatures live in subclasses."""
+
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: Optional[Mapping[str, Any]]) -> "RecipeConfig":
+        """Build from a mapping; unknown keys are an error that lists the valid ones."""
+        values = dict(values or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"Unknown option(s) {unknown} for {cls.__name__}; valid: {sorted(names)}.")
+        return cls(**values)
+
+
+class Recipe(nn.Module):
+    """Base class of training methods. Subclasses set ``name`` and ``config_cls``.
+
+    Args:
+        model_fn: builds a fresh depth-adaptive model (called once per net the method needs).
+        config: the recipe's config (a ``config_cls`` instance or a dict of overrides).
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[Type[RecipeConfig]] = RecipeConfig
+    #: False when some parameters legitimately get no gradient in a step (DDP then
+    #: needs ``find_unused_parameters=True``).
+    trains_all_parameters: ClassVar[bool] = True
+
+    def __init__(self, model_fn: ModelFactory, config: Any = None) -> None:
+        super().__init__()
+        self.config = config if isinstance(config, self.config_cls) else self.config_cls.from_dict(config)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> RecipeOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def eval_models(self) -> Dict[str, DepthAdaptiveModel]:
+        """The nets validated at every depth each epoch, by name."""
+        raise NotImplementedError
+
+    def deployable(self, val_accuracy: Mapping[str, List[float]]) -> str:
+        """Name (a key of :meth:`eval_models`) of the net to deploy, given per-depth val accuracy."""
+        return max(val_accuracy, key=lambda k: sum(val_accuracy[k]) / len(val_accuracy[k]))
+
+
+RECIPES: Dict[str, Type[Recipe]] = {}
+
+
+def register_recipe(cls: Type[Recipe]) -> Type[Recipe]:
+    """Class decorator: make a recipe available by its ``name`` (``--method NAME``)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'.")
+    RECIPES[cls.name] = cls
+    return cls
+
+
+def create_recipe(name: str, model_fn: ModelFactory, config: Any = None) -> Recipe:
+    """Instantiate the recipe registered as ``name``."""
+    if name not in RECIPES:
+        raise ValueError(f"Unknown training method {name!r}; valid methods: {', '.join(sorted(RECIPES))}.")
+    return RECIPES[name](model_fn, config)
