@@ -158,6 +158,7 @@ class DepthAdaptiveModel(nn.Module):
         super().__init__()
         if plan not in PLANS:
             raise ValueError(f"Unknown depth plan {plan!r}; valid plans: {', '.join(PLANS)}.")
+        self.backbone_kwargs = {k: v for k, v in backbone_kwargs.items() if k != "num_classes"}
         if isinstance(backbone, str):
             if num_classes is not None:
                 backbone_kwargs["num_classes"] = num_classes
@@ -255,6 +256,7 @@ class DepthAdaptiveModel(nn.Module):
             "head": self.head_kind,
             "head_width": self.head_width,
             "block_depths": [list(d) for d in self.block_depths],
+            "backbone_kwargs": dict(self.backbone_kwargs),
         }
 
     # --- depth --------------------------------------------------------------------

@@ -38,7 +38,7 @@ class MultiExit(Recipe):
             raise ValueError(f"exit_weights needs {len(logits)} values (one per depth), got {len(weights)}.")
         terms = {f"ce_{k + 1}": ce(l, y, self.config.label_smoothing) for k, l in enumerate(logits)}
         loss = sum(w * t for w, t in zip(weights, terms.values()))
-        return RecipeOutput(loss, logits, {k: float(v) for k, v in terms.items()})
+        return RecipeOutput(loss, logits, {k: v.detach().item() for k, v in terms.items()})
 
     def eval_models(self) -> Dict[str, DepthAdaptiveModel]:
         return {"net": self.net}
