@@ -1,0 +1,275 @@
+"""Core: the depth-adaptive wrapper over timm families (issue 2)."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import coopnets
+from coopnets.models.depth_adaptive import DepthAdaptiveModel, default_block_depths
+from coopnets.profiler import record_calls
+
+# (timm name, backbone kwargs, input size): tiny configs that run in milliseconds on CPU
+FAMILIES = {
+    "resnet": ("test_resnet", {}, 32),
+    "convnext": ("test_convnext", {}, 32),
+    "efficientnet": ("test_efficientnet", {}, 32),
+    "mobilenetv3": ("mobilenetv3_small_050", {}, 32),
+    "regnet": ("regnety_002", {}, 32),
+    "vit": ("test_vit", {"img_size": 32}, 32),
+    "swin": ("swin_tiny_patch4_window7_224",
+             {"img_size": 32, "window_size": 2, "embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 1, 1, 1)}, 32),
+}
+NUM_CLASSES = 5
+
+
+def _pair(family):
+    """A wrapped model and the plain timm model holding the same backbone weights."""
+    name, kwargs, size = FAMILIES[family]
+    plain = timm.create_model(name, num_classes=NUM_CLASSES, **kwargs).eval()
+    model = coopnets.wrap(name, num_classes=NUM_CLASSES, **kwargs).eval()
+    model.backbone.load_state_dict(plain.state_dict())
+    return model, plain, torch.randn(2, 3, size, size)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_depth_gives_logits_and_full_depth_is_plain_timm(family):
+    model, plain, x = _pair(family)
+    assert model.num_depths == 4
+    with torch.no_grad():
+        for depth in range(1, model.num_depths + 1):
+            assert model.set_depth(depth)(x).shape == (2, NUM_CLASSES)
+        torch.testing.assert_close(model.set_depth(-1)(x), plain(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_exits_matches_each_depth(family):
+    model, _, x = _pair(family)
+    with torch.no_grad():
+        exits = model.forward_exits(x)
+        assert len(exits) == model.num_depths
+        for depth, logits in enumerate(exits, start=1):
+            torch.testing.assert_close(logits, model.forward_depth(x, depth), rtol=1e-5, atol=1e-5)
+        feats = model.forward_exits(x, with_features=True)
+    assert len(feats.embeddings) == len(feats.feature_maps) == model.num_depths
+    assert all(m[0].ndim == 4 for m in feats.feature_maps)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layout_runner_reproduces_forward_intermediates(family):
+    """The block-level runner (blocks plan, early exit) sees the same features as timm."""
+    model, plain, x = _pair(family)
+    layout, hw = model.layout, tuple(x.shape[-2:])
+    with torch.no_grad():
+        stem = layout.stem(x)
+        for idx in model.exit_indices:
+            ours = layout.to_nchw(layout.run(stem, (0, 0), layout.feature_ends[idx]), hw)
+            timms = plain.forward_intermediates(x, indices=[idx], stop_early=True, intermediates_only=True)[0]
+            torch.testing.assert_close(ours, timms, rtol=1e-5, atol=1e-5)
+        full = plain.forward_head(layout.finish(layout.run(stem, (0, 0), layout.end)))
+        torch.testing.assert_close(full, plain(x), rtol=1e-5, atol=1e-5)
+
+
+def _called_backbone_modules(model, x, depth):
+    with torch.no_grad(), record_calls(model) as calls:
+        model.set_depth(depth)(x)
+    return {n for n in calls if n.startswith("backbone.")}, {n for n in calls if n.startswith("exits.")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shallow_depths_execute_strictly_less(family):
+    model, _, x = _pair(family)
+    previous: set = set()
+    for depth in range(1, model.num_depths + 1):
+        backbone_calls, exit_calls = _called_backbone_modules(model, x, depth)
+        assert previous < backbone_calls, f"depth {depth} must run more backbone modules than depth {depth - 1}"
+        previous = backbone_calls
+        used_heads = {n.split(".")[1] for n in exit_calls}
+        assert used_heads == ({str(depth - 1)} if depth < model.num_depths else set())
+    # nothing of the stage after exit 1 runs at depth 1
+    later = "backbone." + model.feature_info[model.exit_indices[0] + 1]["module"]
+    calls_1, _ = _called_backbone_modules(model, x, 1)
+    assert not any(n == later or n.startswith(later + ".") for n in calls_1)
+
+
+@pytest.mark.parametrize("family", ["resnet", "convnext", "vit", "swin"])
+def test_blocks_plan_skips_blocks_and_full_depth_is_plain(family):
+    name, kwargs, size = FAMILIES[family]
+    kwargs = dict(kwargs)
+    if family == "resnet":
+        name = "resnet18"  # test_resnet has one block per stage: nothing to skip
+    plain = timm.create_model(name, num_classes=NUM_CLASSES, **kwargs).eval()
+    with torch.no_grad():  # timm zero-inits residual branches: make skipped blocks matter
+        for p in plain.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = coopnets.wrap(plain, plan="blocks").eval()
+    x = torch.randn(2, 3, size, size)
+    full = [len(s) for s in model.layout.stages]
+    assert model.block_depths[-1] == full and model.num_depths >= 2
+    with torch.no_grad():
+        ref = plain(x)
+        torch.testing.assert_close(model.set_depth(-1)(x), ref, rtol=0, atol=0)
+        shallow = model.set_depth(1)(x)
+    assert shallow.shape == ref.shape and not torch.allclose(shallow, ref)
+    calls_1, _ = _called_backbone_modules(model, x, 1)
+    calls_full, _ = _called_backbone_modules(model, x, model.num_depths)
+    assert calls_1 < calls_full
+
+
+def test_default_block_depths_follow_ekd():
+    assert default_block_depths([3, 4, 6, 3]) == [[1, 1, 1, 1], [2, 2, 2, 2], [3, 4, 6, 3]]
+    assert default_block_depths([2, 2, 2, 2]) == [[1, 1, 1, 1], [2, 2, 2, 2]]
+    model = coopnets.create_model("coop_resnet50", plan="blocks", num_classes=3)
+    assert model.block_depths == [[1, 1, 1, 1], [2, 2, 2, 2], [3, 4, 6, 3]]
+
+
+def test_vit_exits_are_evenly_spaced():
+    model = coopnets.wrap("vit_small_patch16_224", num_classes=3, depth=12)
+    assert model.exit_indices == [2, 5, 8] and model.head_kind == "linear"
+    assert coopnets.wrap("test_vit", num_classes=3, num_exits=2).exit_indices == [2]
+
+
+@pytest.mark.parametrize("name", coopnets.list_models())
+def test_zoo_entries_build_with_stage_exits(name):
+    model = coopnets.create_model(name, num_classes=3)
+    assert isinstance(model, DepthAdaptiveModel)
+    assert model.num_depths == 4 and len(model.exits) == 3
+    assert model.head_kind == ("linear" if ("vit" in name or "swin" in name) else "conv")
+    assert model.pretrained_cfg["architecture"] == name
+
+
+def test_zoo_lists_the_required_models():
+    required = {
+        "coop_resnet18", "coop_resnet34", "coop_resnet50", "coop_resnet101", "coop_mobilenetv3_large_100",
+        "coop_efficientnet_b0", "coop_convnext_tiny", "coop_regnety_016", "coop_vit_small_patch16_224",
+        "coop_swin_tiny_patch4_window7_224",
+    }
+    assert required <= set(coopnets.list_models("coop_*"))
+    assert coopnets.list_models("coop_resnet*") == ["coop_resnet18", "coop_resnet34", "coop_resnet50", "coop_resnet101"]
+    assert not any(n.startswith("resnet") for n in coopnets.list_models())
+
+
+def test_timm_registry_interop():
+    assert {"coop_resnet50", "coop_vit_small_patch16_224"} <= set(timm.list_models("coop_*"))
+    model = timm.create_model("coop_resnet18", num_classes=7)
+    assert isinstance(model, DepthAdaptiveModel) and model.num_classes == 7
+    assert timm.models.get_pretrained_cfg("coop_resnet18") is not None
+    assert "coop_resnet" in timm.list_modules()
+
+
+def test_state_dict_loads_across_depths():
+    src = coopnets.create_model("coop_resnet18", num_classes=4).set_depth(2).eval()
+    dst = coopnets.create_model("coop_resnet18", num_classes=4).eval()
+    assert dst.depth == 4
+    dst.load_state_dict(src.state_dict())  # strict: depth is not a weight
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for depth in range(1, 5):
+            torch.testing.assert_close(src.forward_depth(x, depth), dst.forward_depth(x, depth))
+    assert src.depth == 2 and dst.depth == 4
+
+
+def test_at_depth_restores_previous_depth():
+    model = coopnets.wrap("test_resnet", num_classes=3).set_depth(3)
+    with model.at_depth(1):
+        assert model.depth == 1
+    assert model.depth == 3
+    with pytest.raises(RuntimeError), model.at_depth(2):
+        raise RuntimeError("boom")
+    assert model.depth == 3
+
+
+@pytest.mark.parametrize("bad", [0, 5, -2, 2.0, "2", True, None])
+def test_set_depth_rejects_invalid_values(bad):
+    model = coopnets.wrap("test_resnet", num_classes=3)
+    with pytest.raises(ValueError, match=r"1\.\.4"):
+        model.set_depth(bad)
+    assert model.depth == 4
+
+
+def test_unknown_zoo_name_suggests_close_names():
+    with pytest.raises(ValueError, match="coop_resnet50") as err:
+        coopnets.create_model("coop_resnet5")
+    assert "Did you mean" in str(err.value)
+    with pytest.raises(ValueError, match="coopnets.wrap"):
+        coopnets.create_model("resnet50")
+
+
+def test_unknown_timm_backbone_suggests_close_names():
+    with pytest.raises(ValueError, match="resnet50"):
+        coopnets.wrap("resnet5O")
+
+
+def test_unknown_pretrained_tag_is_an_error():
+    with pytest.raises(ValueError, match="no pretrained tag"):
+        coopnets.create_model("coop_resnet18.nosuchtag")
+
+
+def test_backbone_without_stages_is_rejected():
+    class Flat(nn.Module):
+        num_classes = 3
+        pretrained_cfg: dict = {}
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="cannot give stages"):
+        coopnets.wrap(Flat())
+
+
+def test_blocks_plan_on_family_without_layout_is_clear():
+    with pytest.raises(NotImplementedError, match="Supported backbone classes: ResNet"):
+        coopnets.wrap("test_byobnet", plan="blocks", num_classes=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"plan": "layers"}, "valid plans: exits, blocks"),
+        ({"head": "mlp"}, "valid kinds: linear, conv"),
+        ({"exit_indices": [2, 1]}, "increasing feature_info indices"),
+        ({"exit_indices": [1, 4]}, "final head"),
+        ({"plan": "blocks", "block_depths": [[1, 1, 1, 1]]}, "last entry must be the full backbone"),
+    ],
+)
+def test_bad_configuration_is_explained(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        coopnets.wrap("resnet18", num_classes=3, **kwargs)
+
+
+def test_wrong_input_channels_are_explained():
+    model = coopnets.wrap("test_resnet", num_classes=3)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\), got \(1, 1, 32, 32\)"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="expects images"):
+        model.forward_exits(torch.randn(3, 32, 32))
+
+
+def test_profile_counts_what_each_depth_runs():
+    model = coopnets.create_model("coop_resnet18", num_classes=10)
+    rows = coopnets.profile(model, input_size=(3, 32, 32), repeats=2, warmup=1, print_table=False)
+    assert [r["depth"] for r in rows] == [1, 2, 3, 4]
+    flops = [r["flops"] for r in rows]
+    params = [r["params"] for r in rows]
+    assert flops == sorted(flops) and len(set(flops)) == 4
+    assert params[-1] == sum(p.numel() for p in model.backbone.parameters())
+    assert params[0] < params[-1]
+    # the exit head's own cost is included at depth 1
+    head = model.exits[0]
+    head_params = sum(p.numel() for p in head.parameters())
+    stem_and_stage1 = sum(
+        p.numel() for n, p in model.backbone.named_parameters() if n.split(".")[0] in {"conv1", "bn1", "layer1"}
+    )
+    assert params[0] == head_params + stem_and_stage1
+    assert rows[-1]["flops_ratio"] == 1.0 and all(r["latency_ms"] > 0 for r in rows)
+    assert model.depth == 4 and model.training
+
+
+def test_profile_table_formats_rows():
+    from coopnets.profiler import format_table
+
+    rows = [{"depth": 1, "accuracy": 0.5, "params": 1e6, "flops": 2e9, "latency_ms": 3.0, "flops_ratio": 1.0, "latency_ratio": 1.0}]
+    table = format_table(rows, extra=("accuracy",))
+    assert table.splitlines()[0].startswith("| depth | accuracy | params (M)")
+    assert "| 1 | 0.5000 | 1.000 | 2.0000 | 3.00 | 1.000 | 1.000 |" in table
