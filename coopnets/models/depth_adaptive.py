@@ -351,13 +351,6 @@ class DepthAdaptiveModel(nn.Module):
         return out if with_features else out.logits
 
     # --- introspection ------------------------------------------------------------
-    def modules_at_depth(self, depth: int) -> List[nn.Module]:
-        """Exit heads used at ``depth`` (exits plan; the backbone's own head at full depth)."""
-        depth = self._resolve_depth(depth)
-        if self.plan == "exits" and depth < self.num_depths:
-            return [self.exits[depth - 1]]
-        return []
-
     def get_classifier(self) -> nn.Module:
         return self.backbone.get_classifier()
 
