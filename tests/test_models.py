@@ -273,3 +273,24 @@ def test_profile_table_formats_rows():
     table = format_table(rows, extra=("accuracy",))
     assert table.splitlines()[0].startswith("| depth | accuracy | params (M)")
     assert "| 1 | 0.5000 | 1.000 | 2.0000 | 3.00 | 1.000 | 1.000 |" in table
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("test_byobnet", {}), ("test_nfnet", {}), ("test_maxvit", {"img_size": 64}), ("test_coatnet", {"img_size": 64}),
+     ("test_mambaout", {}), ("test_vit_relpos", {"img_size": 64})],
+)
+def test_any_timm_family_wraps_through_forward_intermediates(name, kwargs):
+    """Families without a block layout still get the exits plan, with real savings."""
+    plain = timm.create_model(name, num_classes=NUM_CLASSES, **kwargs).eval()
+    model = coopnets.wrap(name, num_classes=NUM_CLASSES, **kwargs).eval()
+    model.backbone.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        exits = model.forward_exits(x)
+        for depth in range(1, model.num_depths + 1):
+            torch.testing.assert_close(model.forward_depth(x, depth), exits[depth - 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(exits[-1], plain(x), rtol=1e-5, atol=1e-5)
+    calls_1, _ = _called_backbone_modules(model, x, 1)
+    calls_full, _ = _called_backbone_modules(model, x, model.num_depths)
+    assert len(calls_1) < len(calls_full)
