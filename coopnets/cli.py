@@ -16,6 +16,7 @@ from typing import List, Optional
 
 SUBCOMMANDS = {
     "demo": ("coopnets.demo", "build a zoo model, run every depth and print its per-depth profile"),
+    "train": ("coopnets.train.cli", "train a depth-adaptive model (cooperative learning by default) and report every depth"),
 }
 
 
