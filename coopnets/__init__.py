@@ -9,6 +9,7 @@ Example:
 from ._registry import create_model, is_model, list_models, register_model
 from .models import DepthAdaptiveModel, ExitHead, ExitOutputs, StageLayout, get_layout, wrap
 from .profiler import profile
+from .pretrained import push_to_hub, save_pretrained
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,8 @@ __all__ = [
     "is_model",
     "list_models",
     "profile",
+    "push_to_hub",
     "register_model",
+    "save_pretrained",
     "wrap",
 ]

@@ -49,9 +49,10 @@ def build_coop_model(variant: str, backbone: str, pretrained: bool = False, **kw
     """
     if kwargs.pop("features_only", False):
         raise ValueError(f"{variant} does not support features_only; use timm.create_model({backbone!r}, features_only=True).")
+    cache_dir = kwargs.get("cache_dir")
     model = build_model_with_cfg(DepthAdaptiveModel, variant, pretrained=False, backbone=backbone, **kwargs)
     if pretrained:
         from ..pretrained import load_pretrained
 
-        load_pretrained(model)
+        load_pretrained(model, cache_dir=cache_dir)
     return model

@@ -1,0 +1,120 @@
+"""The model card (``README.md``) of a coopnets checkpoint, built from its ``config.json``.
+
+The card is rendered with huggingface_hub's :class:`~huggingface_hub.ModelCard` from the
+template ``coopnets/templates/model_card.md`` (``hub/model_card_template.md`` points
+there). Its metadata holds a ``model-index`` with one top-1 accuracy entry per depth
+(the depth is in the metric name), so the Hub shows the accuracy of every depth.
+
+Example:
+    >>> import coopnets
+    >>> from coopnets.pretrained import checkpoint_config
+    >>> m = coopnets.create_model("coop_resnet18", num_classes=10)
+    >>> rows = [{"depth": d, "accuracy": 0.5 + d / 10} for d in range(1, 5)]
+    >>> card = model_card(checkpoint_config(m, per_depth=rows, training={"dataset": "digits"}), "hf-hub:org/r18")
+    >>> [m["name"] for m in card.data.to_dict()["model-index"][0]["results"][0]["metrics"]][:2]
+    ['Top-1 accuracy at depth 1 of 4', 'Top-1 accuracy at depth 2 of 4']
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ._registry import is_model
+
+TEMPLATE_PATH = Path(__file__).with_name("templates") / "model_card.md"
+
+
+def _si(value: Optional[float], digits: int = 2) -> str:
+    """``11689512 -> '11.69M'``; ``'-'`` when unknown."""
+    if value is None:
+        return "-"
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= factor:
+            return f"{value / factor:.{digits}f}{suffix}"
+    return f"{value:g}"
+
+
+def _table_rows(per_depth: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    rows = []
+    for row in per_depth:
+        acc = row.get("accuracy")
+        latency = row.get("latency_ms")
+        rows.append({
+            **row,
+            "accuracy_text": "-" if acc is None else f"{100 * acc:.2f}%",
+            "params_text": _si(row.get("params")),
+            "flops_text": _si(row.get("flops")),
+            "latency_text": "-" if latency is None else f"{latency:.2f}",
+        })
+    return rows
+
+
+def _measured_on(per_depth: List[Dict[str, Any]]) -> str:
+    setups = sorted({(str(r.get("device", "unknown device")), r.get("batch_size")) for r in per_depth}, key=str)
+    return "; ".join(f"{device}, batch size {bs if bs is not None else 'unknown'}" for device, bs in setups)
+
+
+def _plan_text(coop: Dict[str, Any]) -> str:
+    if coop["plan"] == "blocks":
+        return "every depth runs all stages with the first n blocks of each: " + ", ".join(map(str, coop["block_depths"]))
+    return f"an exit head (`{coop['head']}`) after feature stages {coop['exit_indices']}, the backbone's own head last"
+
+
+def model_card(config: Dict[str, Any], model_id: str) -> ModelCard:
+    """The model card of a checkpoint with ``config`` (a ``config.json`` dict) loaded as ``model_id``.
+
+    Args:
+        config: the checkpoint's configuration (:func:`coopnets.pretrained.checkpoint_config`).
+        model_id: the name to load it by, shown in the usage snippet
+            (``hf-hub:ORG/NAME`` or ``local-dir:PATH``).
+    """
+    coop = config["coopnets"]
+    training = dict(coop.get("training") or {})
+    per_depth = list(coop.get("per_depth") or [])
+    cfg = config["pretrained_cfg"]
+    name = model_id.split(":", 1)[-1].rstrip("/").split("/")[-1]
+    dataset = training.get("dataset")
+    eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=str(dataset or "unknown"),
+            dataset_name=str(dataset or "unknown"),
+            metric_type="accuracy",
+            metric_value=row["accuracy"],
+            metric_name=f"Top-1 accuracy at depth {row['depth']} of {coop['num_depths']}",
+        )
+        for row in per_depth
+        if row.get("accuracy") is not None
+    ]
+    data = ModelCardData(
+        library_name="timm",
+        license=cfg.get("license"),
+        pipeline_tag="image-classification",
+        tags=["image-classification", "timm", "coopnets", "depth-adaptive", "early-exit"],
+        datasets=[str(dataset)] if dataset else None,
+        model_name=name,
+        eval_results=eval_results or None,
+    )
+    input_size = list(cfg.get("input_size", (3, 224, 224)))
+    return ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE_PATH),
+        title=name,
+        model_id=model_id,
+        architecture=config["architecture"],
+        timm_loadable=is_model(config["architecture"]),
+        backbone=coop["backbone"],
+        plan=coop["plan"],
+        plan_text=_plan_text(coop),
+        num_depths=coop["num_depths"],
+        example_depth=max(1, coop["num_depths"] - 1),
+        num_classes=config["num_classes"],
+        input_size=input_size,
+        mean=tuple(cfg.get("mean", ())),
+        std=tuple(cfg.get("std", ())),
+        training=training,
+        per_depth=_table_rows(per_depth),
+        measured_on=_measured_on(per_depth),
+    )

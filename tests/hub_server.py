@@ -1,0 +1,231 @@
+"""A small in-memory Hugging Face Hub on 127.0.0.1 for tests (standard library only).
+
+It speaks the part of the Hub protocol that ``huggingface_hub``'s ``hf_hub_download``,
+``HfApi.create_repo`` and ``HfApi.upload_folder`` use (non-Xet path):
+
+* ``HEAD``/``GET /{repo}/resolve/{revision}/{path}``: the file, with ``X-Repo-Commit``,
+  ``ETag`` (the git blob sha1, as the Hub sends for regular files) and
+  ``Content-Length``; ``404`` with ``X-Error-Code: RepoNotFound``, ``RevisionNotFound``
+  or ``EntryNotFound`` otherwise.
+* ``POST /api/repos/create`` (``409`` if it exists), ``POST /api/validate-yaml``,
+  ``POST /api/models/{repo}/preupload/{revision}`` (every file is ``regular``, so
+  commits carry their content inline and no LFS/Xet upload is needed) and
+  ``POST /api/models/{repo}/commit/{revision}`` (the ndjson commit payload).
+
+Fixtures: ``hub_server`` (a running :class:`HubServer`) and ``hub`` (the server, with
+``huggingface_hub`` pointed at it: endpoint, an empty cache in ``tmp_path``, Xet off,
+online). Import them into a test module with ``from hub_server import hub, hub_server``.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Set, Tuple
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+REPO_TYPE_PREFIX = "/api/models/"
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The git object id of ``data``: the ETag the Hub serves for a regular file."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class Repo:
+    """One model repo: commits (``sha -> {path: bytes}``) and branches (``name -> sha``)."""
+
+    commits: Dict[str, Dict[str, bytes]] = field(default_factory=dict)
+    branches: Dict[str, str] = field(default_factory=dict)
+
+    def resolve(self, revision: str) -> Optional[str]:
+        """Commit sha of a branch name or a full commit sha; ``None`` if unknown."""
+        return self.branches.get(revision) or (revision if revision in self.commits else None)
+
+    def commit(self, branch: str, files: Dict[str, bytes], deleted: Set[str], message: str) -> str:
+        parent = self.branches.get(branch)
+        tree = dict(self.commits.get(parent, {})) if parent else {}
+        tree.update(files)
+        for path in deleted:
+            tree.pop(path, None)
+        sha = hashlib.sha1(json.dumps([parent, message, sorted((p, git_blob_sha1(d)) for p, d in tree.items())]).encode()).hexdigest()
+        self.commits[sha] = tree
+        self.branches[branch] = sha
+        return sha
+
+
+class HubServer(ThreadingHTTPServer):
+    """The server: ``url``, ``repos``, a ``requests`` log of ``(method, path)`` and
+    ``corrupt`` (``(repo_id, path)`` pairs whose body is served damaged, with the intact
+    file's ETag and length, as a download corrupted in transit)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.repos: Dict[str, Repo] = {}
+        self.requests: List[Tuple[str, str]] = []
+        self.corrupt: Set[Tuple[str, str]] = set()
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: HubServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    # --- responses ------------------------------------------------------------------
+    def _send(self, status: int, body: bytes = b"", headers: Optional[Dict[str, str]] = None, head: bool = False) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _json(self, status: int, payload: object, headers: Optional[Dict[str, str]] = None) -> None:
+        self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def _error(self, status: int, code: str, message: str, head: bool = False, headers: Optional[Dict[str, str]] = None, **extra: str) -> None:
+        body = json.dumps({"error": message, **extra}).encode()
+        self._send(status, body, {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message, **(headers or {})}, head=head)
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    # --- routes ---------------------------------------------------------------------
+    def do_HEAD(self) -> None:
+        self._route("HEAD")
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def _route(self, method: str) -> None:
+        path = unquote(urlsplit(self.path).path)
+        with self.server.lock:
+            self.server.requests.append((method, path))
+        if method == "POST" and path == "/api/repos/create":
+            return self._create_repo(json.loads(self._body()))
+        if method == "POST" and path == "/api/validate-yaml":
+            self._body()
+            return self._json(200, {"errors": [], "warnings": []})
+        if method == "POST" and path.startswith(REPO_TYPE_PREFIX):
+            repo_id, _, rest = path[len(REPO_TYPE_PREFIX):].partition("/")
+            name, _, rest = rest.partition("/")
+            action, _, revision = rest.partition("/")
+            if action in ("preupload", "commit"):
+                return getattr(self, f"_{action}")(f"{repo_id}/{name}", revision)
+        if method in ("HEAD", "GET") and "/resolve/" in path:
+            repo_id, _, rest = path.lstrip("/").partition("/resolve/")
+            revision, _, file_path = rest.partition("/")
+            return self._resolve(repo_id, revision, file_path, head=method == "HEAD")
+        self._error(404, "NotFound", f"no route for {method} {path}", head=method == "HEAD")
+
+    def _repo_or_404(self, repo_id: str, head: bool = False) -> Optional[Repo]:
+        repo = self.server.repos.get(repo_id)
+        if repo is None:
+            self._error(404, "RepoNotFound", "Repository not found", head=head)
+        return repo
+
+    def _create_repo(self, payload: dict) -> None:
+        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        with self.server.lock:
+            if repo_id in self.server.repos:
+                return self._error(409, "RepoExists", "You already created this model repo", url=f"{self.server.url}/{repo_id}")
+            repo = self.server.repos[repo_id] = Repo()
+            repo.commit("main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, set(), "initial commit")
+        self._json(200, {"url": f"{self.server.url}/{repo_id}", "name": repo_id})
+
+    def _preupload(self, repo_id: str, revision: str) -> None:
+        payload = json.loads(self._body())
+        if self._repo_or_404(repo_id) is not None:
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in payload["files"]]
+            self._json(200, {"files": files})
+
+    def _commit(self, repo_id: str, revision: str) -> None:
+        lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
+        repo = self._repo_or_404(repo_id)
+        if repo is None:
+            return
+        files: Dict[str, bytes] = {}
+        deleted: Set[str] = set()
+        message = ""
+        for item in lines:
+            key, value = item["key"], item["value"]
+            if key == "header":
+                message = value["summary"]
+            elif key == "file":
+                if value.get("encoding") != "base64":
+                    return self._error(400, "BadRequest", "this test Hub accepts base64 file content only")
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "deletedFile":
+                deleted.add(value["path"])
+            else:
+                return self._error(400, "BadRequest", f"this test Hub does not support {key!r} operations")
+        with self.server.lock:
+            sha = repo.commit(revision, files, deleted, message)
+        self._json(200, {"commitUrl": f"{self.server.url}/{repo_id}/commit/{sha}", "commitOid": sha, "success": True})
+
+    def _resolve(self, repo_id: str, revision: str, file_path: str, head: bool) -> None:
+        repo = self._repo_or_404(repo_id, head=head)
+        if repo is None:
+            return
+        sha = repo.resolve(revision)
+        if sha is None:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
+        data = repo.commits[sha].get(file_path)
+        if data is None:
+            return self._error(404, "EntryNotFound", f"{file_path} does not exist on {revision}", head=head, headers={"X-Repo-Commit": sha})
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(data)}"', "Content-Type": "application/octet-stream"}
+        if (repo_id, file_path) in self.server.corrupt:
+            data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
+        self._send(200, data, headers, head=head)
+
+
+@pytest.fixture
+def hub_server() -> Iterator[HubServer]:
+    """A running :class:`HubServer`, shut down after the test."""
+    server = HubServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    """``hub_server`` with huggingface_hub pointed at it and an empty cache in ``tmp_path / "hf-cache"``.
+
+    huggingface_hub reads its environment once, at import, into ``huggingface_hub.constants``;
+    the constants are patched directly.
+    """
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "ENDPOINT", hub_server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    return hub_server
