@@ -41,3 +41,60 @@ def pretrained_cfgs_for(model_name: str) -> Dict[str, Dict[str, Any]]:
             interpolation=rec.get("interpolation", "bilinear"),
         )
     return cfgs
+
+
+REQUIRED_TRAINING_KEYS = ("command", "seed", "dataset")
+
+
+def checkpoint_record(config: Dict[str, Any], model: str, tag: str, hf_hub_id: str) -> Dict[str, Any]:
+    """The manifest record of a published checkpoint, from its ``config.json``.
+
+    The numbers come only from the checkpoint's own measured ``coopnets.per_depth`` table,
+    and its ``coopnets.training`` record must say how it was produced (command, seed,
+    dataset); otherwise it cannot enter the zoo.
+
+    Example:
+        >>> import coopnets
+        >>> from coopnets.pretrained import checkpoint_config
+        >>> cfg = checkpoint_config(coopnets.create_model("coop_resnet18", num_classes=10),
+        ...     per_depth=[{"depth": d, "accuracy": 0.8} for d in range(1, 5)],
+        ...     training={"command": "coopnets train ...", "seed": 0, "dataset": "digits"})
+        >>> checkpoint_record(cfg, "coop_resnet18", "digits", "org/coop_resnet18.digits@abc")["num_classes"]
+        10
+    """
+    coop = config["coopnets"]
+    training = coop.get("training") or {}
+    per_depth = coop.get("per_depth") or []
+    problems = [f"training record lacks {k!r}" for k in REQUIRED_TRAINING_KEYS if k not in training]
+    if len(per_depth) != coop["num_depths"] or any(r.get("accuracy") is None for r in per_depth):
+        problems.append(f"per_depth must hold a measured accuracy for each of the {coop['num_depths']} depths")
+    if config["architecture"] != model:
+        problems.append(f"the checkpoint is a {config['architecture']}, not a {model}")
+    if problems:
+        raise ValueError(
+            f"cannot record {model}.{tag}: {'; '.join(problems)}. Zoo checkpoints must come from a real "
+            f"`coopnets train` run, whose checkpoint folder records these."
+        )
+    cfg = config["pretrained_cfg"]
+    return {
+        "model": model,
+        "tag": tag,
+        "hf_hub_id": hf_hub_id,
+        "num_classes": config["num_classes"],
+        "input_size": list(cfg["input_size"]),
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "crop_pct": cfg.get("crop_pct", 1.0),
+        "interpolation": cfg.get("interpolation", "bilinear"),
+        "training": dict(training),
+        "per_depth": list(per_depth),
+    }
+
+
+def add_checkpoint(record: Dict[str, Any], path: Path = MANIFEST_PATH) -> None:
+    """Add (or replace, by model and tag) a checkpoint record in the manifest file at ``path``."""
+    records = json.loads(path.read_text())["checkpoints"] if path.exists() else []
+    records = [r for r in records if (r["model"], r["tag"]) != (record["model"], record["tag"])] + [record]
+    records.sort(key=lambda r: (r["model"], r["tag"]))
+    path.write_text(json.dumps({"checkpoints": records}, indent=2) + "\n")
+    load_manifest.cache_clear()

@@ -1,0 +1,265 @@
+"""Checkpoints: format, model card, local-dir / Hub round trips through the real
+huggingface_hub client against the local test Hub (tests/hub_server.py), caching,
+offline use, strict loading errors, the zoo manifest and ``coopnets push``."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import HfApi, ModelCard, constants
+
+import coopnets
+from coopnets.cli import main as cli_main
+from coopnets.models import manifest
+from coopnets.pretrained import CheckpointError, checkpoint_config, push_to_hub, save_pretrained
+
+from hub_server import hub, hub_server  # noqa: F401  (pytest fixtures)
+
+TINY = dict(num_classes=10, layers=[1, 1, 1, 1], channels=[8, 16, 32, 64], stem_width=8)
+TRAINING = {"method": "cooperative", "dataset": "digits", "epochs": 3, "seed": 0, "command": "coopnets train --model coop_resnet18"}
+X = torch.randn(2, 3, 32, 32)
+
+
+def tiny(**kwargs) -> coopnets.DepthAdaptiveModel:
+    """coop_resnet18 shrunk to ~0.1M parameters (non-default backbone kwargs on purpose)."""
+    return coopnets.create_model("coop_resnet18", **{**TINY, **kwargs}).eval()
+
+
+def rows(num_depths: int = 4) -> List[Dict]:
+    return [{"depth": d, "accuracy": 0.5 + d / 10, "params": 1000 * d, "flops": 10**6 * d,
+             "latency_ms": 0.25 * d, "batch_size": 1, "device": "cpu"} for d in range(1, num_depths + 1)]
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def same_outputs(a: coopnets.DepthAdaptiveModel, b: coopnets.DepthAdaptiveModel) -> bool:
+    with torch.no_grad():
+        return all(torch.allclose(a.eval().forward_depth(X, d), b.eval().forward_depth(X, d)) for d in range(1, a.num_depths + 1))
+
+
+# --- format and card ----------------------------------------------------------------------
+def test_checkpoint_folder_holds_timm_config_coop_section_and_card(tmp_path):
+    model = tiny()
+    folder = save_pretrained(model, tmp_path / "ckpt", per_depth=rows(), training=TRAINING, repo_id="org/tiny")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["architecture"], config["num_classes"], config["num_features"]) == ("coop_resnet18", 10, 64)
+    assert config["model_args"]["channels"] == [8, 16, 32, 64] and config["model_args"]["exit_indices"] == [1, 2, 3]
+    assert "hf_hub_id" not in config["pretrained_cfg"] and config["pretrained_cfg"]["num_classes"] == 10
+    coop = config["coopnets"]
+    assert (coop["plan"], coop["num_depths"], coop["exit_indices"], coop["head"]) == ("exits", 4, [1, 2, 3], "conv")
+    assert coop["per_depth"] == rows() and coop["training"] == TRAINING
+
+    weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    assert weights.keys() == model.state_dict().keys()
+
+    card = ModelCard.load(folder / "README.md")
+    metrics = card.data.to_dict()["model-index"][0]["results"][0]["metrics"]
+    assert [(m["name"], m["value"]) for m in metrics] == [(f"Top-1 accuracy at depth {d} of 4", 0.5 + d / 10) for d in range(1, 5)]
+    assert card.data.datasets == ["digits"]
+    text = card.text
+    assert 'coopnets.create_model("hf-hub:org/tiny", pretrained=True)' in text and "m.set_depth(3)" in text
+    assert "| 2 | 70.00% | 2.00K | 2.00M | 0.50 |" in text and "Measured on cpu, batch size 1." in text
+    assert "`coopnets train --model coop_resnet18`" in text
+
+
+def test_per_depth_rows_are_validated():
+    with pytest.raises(ValueError, match="distinct integer 'depth' values in 1..4"):
+        checkpoint_config(tiny(), per_depth=[{"depth": 5}])
+
+
+def test_save_never_leaves_half_written_output_or_damages_a_good_folder(tmp_path, monkeypatch):
+    good = save_pretrained(tiny(), tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    def crash(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(tiny(num_classes=3), good)
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folders left
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        save_pretrained(tiny(), tmp_path / "other")
+
+
+# --- local round trips ----------------------------------------------------------------------
+def test_local_dir_round_trip_with_coopnets_and_timm(tmp_path):
+    model = tiny()
+    folder = save_pretrained(model, tmp_path / "ckpt")
+    for loaded in (coopnets.create_model(f"local-dir:{folder}", pretrained=True),
+                   timm.create_model(f"local-dir:{folder}", pretrained=True)):
+        assert isinstance(loaded, coopnets.DepthAdaptiveModel)
+        assert same_weights(model, loaded) and same_outputs(model, loaded)
+    assert not same_weights(model, coopnets.create_model(f"local-dir:{folder}", pretrained=False))
+
+
+def test_wrapped_non_zoo_backbone_with_blocks_plan_round_trips(tmp_path):
+    model = coopnets.wrap("test_resnet", num_classes=3, plan="blocks")
+    folder = save_pretrained(model, tmp_path / "ckpt")
+    loaded = coopnets.create_model(f"local-dir:{folder}", pretrained=True)
+    assert loaded.plan == "blocks" and loaded.block_depths == model.block_depths
+    assert same_weights(model, loaded) and same_outputs(model, loaded)
+
+
+def test_truncated_or_mismatched_local_weights_are_clear_errors(tmp_path):
+    folder = save_pretrained(tiny(), tmp_path / "ckpt")
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match=r"local-dir:.*ckpt: model.safetensors is truncated or corrupted"):
+        coopnets.create_model(f"local-dir:{folder}", pretrained=True)
+
+    state = safetensors.torch.load(good)
+    state["exits.9.fc.weight"] = torch.zeros(1)
+    del state["exits.0.fc.weight"]
+    safetensors.torch.save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): exits.0.fc.weight; unexpected keys \(1\): exits.9.fc.weight"):
+        coopnets.create_model(f"local-dir:{folder}", pretrained=True)
+
+
+# --- through the local Hub --------------------------------------------------------------------
+def test_push_then_download_with_create_model_timm_and_revisions(hub):
+    v1 = tiny()
+    info1 = push_to_hub(v1, "org/tiny", per_depth=rows(), training=TRAINING)
+    assert ("POST", "/api/repos/create") in hub.requests and ("POST", "/api/models/org/tiny/commit/main") in hub.requests
+    assert set(hub.repos["org/tiny"].commits[info1.oid]) >= {"model.safetensors", "config.json", "README.md"}
+
+    loaded = coopnets.create_model("hf-hub:org/tiny", pretrained=True)
+    assert same_weights(v1, loaded) and same_outputs(v1, loaded)
+    snapshot = Path(constants.HF_HUB_CACHE) / "models--org--tiny" / "snapshots" / info1.oid
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors"]
+    assert same_weights(v1, timm.create_model("hf-hub:org/tiny", pretrained=True))
+
+    torch.manual_seed(1)
+    v2 = tiny()
+    push_to_hub(v2, "org/tiny", per_depth=rows(), training=TRAINING)  # existing repo: create_repo(exist_ok=True)
+    assert same_weights(v2, coopnets.create_model("hf-hub:org/tiny", pretrained=True))
+    assert same_weights(v1, coopnets.create_model(f"hf-hub:org/tiny@{info1.oid}", pretrained=True))
+
+
+def test_zoo_entry_pretrained_resolves_hf_hub_id_and_checks_the_config(hub):
+    model = tiny()
+    push_to_hub(model, "org/tiny")
+    overlay = {"pretrained_cfg_overlay": {"hf_hub_id": "org/tiny"}}
+    assert same_weights(model, coopnets.create_model("coop_resnet18", pretrained=True, **TINY, **overlay))
+
+    with pytest.raises(CheckpointError, match=r"hf-hub:org/tiny does not match .*exit_indices: checkpoint \[1, 2, 3\], model \[2, 3\]"):
+        coopnets.create_model("coop_resnet18", pretrained=True, **{**TINY, "exit_indices": [2, 3]}, **overlay)
+    with pytest.raises(CheckpointError, match=r"num_classes: checkpoint 10, model 5.*reset_classifier"):
+        coopnets.create_model("coop_resnet18", pretrained=True, **{**TINY, "num_classes": 5}, **overlay)
+    with pytest.raises(CheckpointError, match=r"shape mismatches .*create_model\('hf-hub:org/tiny', pretrained=True\)"):
+        coopnets.create_model("coop_resnet18", pretrained=True, **{**TINY, "channels": [8, 16, 32, 128]}, **overlay)
+
+
+def test_offline_loads_from_cache_and_explains_a_cache_miss(hub, monkeypatch, tmp_path):
+    model = tiny()
+    push_to_hub(model, "org/tiny")
+    coopnets.create_model("hf-hub:org/tiny", pretrained=True)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    seen = len(hub.requests)
+    assert same_weights(model, coopnets.create_model("hf-hub:org/tiny", pretrained=True))
+    assert len(hub.requests) == seen  # served from the cache, no request
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(CheckpointError, match=r"hf-hub:org/tiny: config.json is not in the local cache .*HF_HUB_OFFLINE=1"):
+        coopnets.create_model("hf-hub:org/tiny", pretrained=True)
+
+
+def test_missing_repo_revision_and_file_are_clear_errors(hub, tmp_path):
+    with pytest.raises(CheckpointError, match=r"repository 'org/nope' not found"):
+        coopnets.create_model("hf-hub:org/nope", pretrained=True)
+
+    push_to_hub(tiny(), "org/tiny")
+    with pytest.raises(CheckpointError, match=r"revision '0{40}' does not exist in org/tiny"):
+        coopnets.create_model("hf-hub:org/tiny@" + "0" * 40, pretrained=True)
+
+    api = HfApi(token="hf_test_token")
+    api.create_repo("org/config-only")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(checkpoint_config(tiny())))
+    api.upload_file(path_or_fileobj=str(config), path_in_repo="config.json", repo_id="org/config-only")
+    with pytest.raises(CheckpointError, match=r"hf-hub:org/config-only: the repo has no model.safetensors"):
+        coopnets.create_model("hf-hub:org/config-only", pretrained=True)
+
+
+def test_corrupted_download_is_rejected_and_removed_from_the_cache(hub):
+    model = tiny()
+    push_to_hub(model, "org/tiny")
+    hub.corrupt.add(("org/tiny", "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"downloaded model.safetensors is corrupted .*removed from the cache; run again"):
+        coopnets.create_model("hf-hub:org/tiny", pretrained=True)
+    cached = [p.name for p in (Path(constants.HF_HUB_CACHE) / "models--org--tiny").rglob("*") if p.is_file()]
+    assert "model.safetensors" not in cached and not any(".incomplete" in n for n in cached)
+
+    hub.corrupt.clear()
+    assert same_weights(model, coopnets.create_model("hf-hub:org/tiny", pretrained=True))
+
+
+# --- zoo tags and publishing -------------------------------------------------------------------
+def test_zoo_lists_only_manifest_checkpoints_and_unpublished_weights_are_explained():
+    recorded = {f"{r['model']}.{r['tag']}" for r in manifest.load_manifest()}
+    assert set(coopnets.list_models(pretrained=True)) == recorded
+    with pytest.raises(CheckpointError, match=r"coop_resnet18 has no published coopnets weights.*coopnets push RUN_DIR --repo-id ORG/NAME"):
+        coopnets.create_model("coop_resnet18", pretrained=True, **TINY)
+
+
+@pytest.fixture
+def temp_manifest(tmp_path, monkeypatch):
+    path = tmp_path / "manifest.json"
+    monkeypatch.setattr(manifest, "MANIFEST_PATH", path)
+    manifest.load_manifest.cache_clear()
+    yield path
+    manifest.load_manifest.cache_clear()
+
+
+def test_manifest_accepts_only_measured_runs(temp_manifest):
+    unmeasured = checkpoint_config(tiny(), per_depth=[{"depth": 1, "params": 5}], training={"dataset": "digits"})
+    with pytest.raises(ValueError, match="lacks 'command'.*measured accuracy for each of the 4 depths"):
+        manifest.checkpoint_record(unmeasured, "coop_resnet18", "digits", "org/tiny@abc")
+
+    measured = checkpoint_config(tiny(), per_depth=rows(), training=TRAINING)
+    manifest.add_checkpoint(manifest.checkpoint_record(measured, "coop_resnet18", "digits", "org/tiny@abc"), temp_manifest)
+    cfgs = manifest.pretrained_cfgs_for("coop_resnet18")
+    assert list(cfgs) == ["coop_resnet18.digits"] and cfgs["coop_resnet18.digits"]["hf_hub_id"] == "org/tiny@abc"
+    assert manifest.load_manifest()[0]["per_depth"] == rows() and manifest.load_manifest()[0]["training"]["seed"] == 0
+
+
+def test_push_cli_and_publish_tool_publish_a_training_run(hub, tmp_path, temp_manifest, capsys):
+    run_dir = tmp_path / "run"
+    model = tiny()
+    save_pretrained(model, run_dir / "model", per_depth=rows(), training=TRAINING)
+
+    assert cli_main(["push", str(run_dir), "--repo-id", "org/run"]) == 0
+    assert "create_model('hf-hub:org/run@" in capsys.readouterr().out
+    assert same_weights(model, coopnets.create_model("hf-hub:org/run", pretrained=True))
+    card = hub.repos["org/run"].commits[hub.repos["org/run"].branches["main"]]["README.md"].decode()
+    assert 'create_model("hf-hub:org/run", pretrained=True)' in card  # card re-rendered for the repo
+
+    with pytest.raises(CheckpointError, match="no checkpoint in .*coopnets train"):
+        cli_main(["push", str(tmp_path / "empty"), "--repo-id", "org/run"])
+
+    spec = importlib.util.spec_from_file_location("hub_publish", Path(__file__).parents[1] / "hub" / "publish.py")
+    publish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(publish)
+    assert publish.main([str(run_dir), "--repo-id", "org/zoo", "--tag", "digits", "--manifest", str(temp_manifest)]) == 0
+    (record,) = json.loads(temp_manifest.read_text())["checkpoints"]
+    assert record["hf_hub_id"] == f"org/zoo@{hub.repos['org/zoo'].branches['main']}"
+    assert same_weights(model, coopnets.create_model(f"hf-hub:{record['hf_hub_id']}", pretrained=True))
