@@ -30,6 +30,7 @@ def _vit() -> coopnets.DepthAdaptiveModel:
 CASES: Dict[str, Tuple[str, Callable[[], coopnets.DepthAdaptiveModel], dict]] = {
     "multi_exit": ("multi_exit", _resnet(), {}),
     "ekd-blocks": ("ekd", _resnet18_blocks, {}),
+    "ekd-exits": ("ekd", _resnet(), {}),
     "ekd-exits-vit": ("ekd", _vit, {}),
     "mlcsd": ("mlcsd", _resnet(), {}),
     "mlcsd-linear-heads": ("mlcsd", _resnet(head="linear"), {}),
@@ -134,6 +135,13 @@ def test_ekd_attention_term_is_active_on_blocks_plan():
     out = _unzero(_build("ekd-blocks"))(*_batch(4))
     assert set(out.terms) == {"ce_1", "ce_2", "kd_1", "at_1"}
     assert out.terms["at_1"] > 0 and out.terms["kd_1"] > 0
+
+
+def test_ekd_attention_on_exits_plan_compares_with_the_last_map():
+    vit = _build("ekd-exits-vit")(*_batch(4))  # every map 2x2: an informative attention term
+    assert all(vit.terms[f"at_{d}"] > 0 for d in (1, 2, 3))
+    resnet = _build("ekd-exits")(*_batch(4))  # last ResNet map is 1x1 at 32px: documented zero
+    assert all(resnet.terms[f"at_{d}"] == 0 for d in (1, 2, 3))
 
 
 def test_mlcsd_weighting_is_trained():

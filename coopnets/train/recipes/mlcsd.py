@@ -108,7 +108,10 @@ class MLCSD(Recipe):
 
     @torch.no_grad()
     def teacher_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample exit weights of every teacher, (N, K, K) (for inspection)."""
+        """Per-sample exit weights of every teacher, (N, K, K) (for inspection).
+
+        Runs the net in its current mode (call ``.eval()`` first to leave BN statistics alone).
+        """
         return self._teachers(x)[2]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> RecipeOutput:
