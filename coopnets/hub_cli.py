@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .pretrained import CONFIG_NAME, CheckpointError, push_to_hub
@@ -37,11 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    folder = checkpoint_folder(args.run_dir)
-    info = push_to_hub(
-        folder, args.repo_id, private=args.private, revision=args.revision,
-        token=args.token, commit_message=args.commit_message,
-    )
+    try:
+        folder = checkpoint_folder(args.run_dir)
+        info = push_to_hub(
+            folder, args.repo_id, private=args.private, revision=args.revision,
+            token=args.token, commit_message=args.commit_message,
+        )
+    except CheckpointError as e:
+        print(f"coopnets push: {e}", file=sys.stderr)
+        return 2
     print(f"published {folder} -> {info.commit_url}")
     print(f"load it with: coopnets.create_model('hf-hub:{args.repo_id}@{info.oid}', pretrained=True)")
     return 0

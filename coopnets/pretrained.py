@@ -282,11 +282,18 @@ def push_to_hub(
         else:
             _stage_folder(Path(model_or_folder), staging, repo_id, per_depth, training)
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(
-            folder_path=str(staging), repo_id=repo_id, revision=revision, commit_message=commit_message,
-            allow_patterns=list(CHECKPOINT_FILES),
-        )
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(
+                folder_path=str(staging), repo_id=repo_id, revision=revision, commit_message=commit_message,
+                allow_patterns=list(CHECKPOINT_FILES),
+            )
+        except HfHubHTTPError as e:
+            raise CheckpointError(
+                f"publishing to {repo_id} on {api.endpoint} failed: {e}. Log in (`hf auth login`) or pass a "
+                f"write token (token=... / --token / HF_TOKEN), and check that you may write to that namespace"
+                + (f" and that branch {revision!r} exists" if revision else "") + "."
+            ) from e
 
 
 def _stage_folder(

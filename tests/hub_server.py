@@ -13,8 +13,7 @@ It speaks the part of the Hub protocol that ``huggingface_hub``'s ``hf_hub_downl
   ``POST /api/models/{repo}/commit/{revision}`` (the ndjson commit payload).
 
 Fixtures: ``hub_server`` (a running :class:`HubServer`) and ``hub`` (the server, with
-``huggingface_hub`` pointed at it: endpoint, an empty cache in ``tmp_path``, Xet off,
-online). Import them into a test module with ``from hub_server import hub, hub_server``.
+``huggingface_hub`` pointed at it: endpoint, an empty cache in ``tmp_path``, online). Import them into a test module with ``from hub_server import hub, hub_server``.
 """
 from __future__ import annotations
 
@@ -62,9 +61,10 @@ class Repo:
 
 
 class HubServer(ThreadingHTTPServer):
-    """The server: ``url``, ``repos``, a ``requests`` log of ``(method, path)`` and
+    """The server: ``url``, ``repos``, a ``requests`` log of ``(method, path)``,
     ``corrupt`` (``(repo_id, path)`` pairs whose body is served damaged, with the intact
-    file's ETag and length, as a download corrupted in transit)."""
+    file's ETag and length, as a download corrupted in transit) and ``read_only`` (every
+    write answers ``403``, as for a token without write access)."""
 
     daemon_threads = True
 
@@ -73,6 +73,7 @@ class HubServer(ThreadingHTTPServer):
         self.repos: Dict[str, Repo] = {}
         self.requests: List[Tuple[str, str]] = []
         self.corrupt: Set[Tuple[str, str]] = set()
+        self.read_only = False
         self.lock = threading.Lock()
 
     @property
@@ -121,6 +122,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         with self.server.lock:
             self.server.requests.append((method, path))
+        if method == "POST" and self.server.read_only and path != "/api/validate-yaml":
+            self._body()
+            return self._error(403, "Forbidden", "You don't have the rights to write to this namespace")
         if method == "POST" and path == "/api/repos/create":
             return self._create_repo(json.loads(self._body()))
         if method == "POST" and path == "/api/validate-yaml":
@@ -226,6 +230,5 @@ def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_server.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     return hub_server

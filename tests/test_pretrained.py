@@ -253,8 +253,8 @@ def test_push_cli_and_publish_tool_publish_a_training_run(hub, tmp_path, temp_ma
     card = hub.repos["org/run"].commits[hub.repos["org/run"].branches["main"]]["README.md"].decode()
     assert 'create_model("hf-hub:org/run", pretrained=True)' in card  # card re-rendered for the repo
 
-    with pytest.raises(CheckpointError, match="no checkpoint in .*coopnets train"):
-        cli_main(["push", str(tmp_path / "empty"), "--repo-id", "org/run"])
+    assert cli_main(["push", str(tmp_path / "empty"), "--repo-id", "org/run"]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
 
     spec = importlib.util.spec_from_file_location("hub_publish", Path(__file__).parents[1] / "hub" / "publish.py")
     publish = importlib.util.module_from_spec(spec)
@@ -263,3 +263,8 @@ def test_push_cli_and_publish_tool_publish_a_training_run(hub, tmp_path, temp_ma
     (record,) = json.loads(temp_manifest.read_text())["checkpoints"]
     assert record["hf_hub_id"] == f"org/zoo@{hub.repos['org/zoo'].branches['main']}"
     assert same_weights(model, coopnets.create_model(f"hf-hub:{record['hf_hub_id']}", pretrained=True))
+
+    hub.read_only = True
+    assert cli_main(["push", str(run_dir), "--repo-id", "org/new"]) == 2
+    err = capsys.readouterr().err
+    assert "publishing to org/new" in err and "hf auth login" in err
