@@ -111,6 +111,15 @@ def _check_per_depth(rows: Optional[Sequence[Dict[str, Any]]], num_depths: int) 
     return sorted(checked, key=lambda r: r["depth"])
 
 
+def _plain(value: Any) -> Any:
+    """JSON fallback for numpy/torch values (``tolist``) and paths."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serializable")
+
+
 def checkpoint_config(
     model: DepthAdaptiveModel,
     per_depth: Optional[Sequence[Dict[str, Any]]] = None,
@@ -155,9 +164,9 @@ def checkpoint_config(
             "training": dict(training or {}),
         },
     }
-    # tuples -> lists, and a clear error now rather than a half-written config later
+    # tuples -> lists, numpy/torch numbers -> Python numbers, and a clear error now rather than a bad file later
     try:
-        return json.loads(json.dumps(config))
+        return json.loads(json.dumps(config, default=_plain))
     except TypeError as e:
         raise ValueError(f"checkpoint config of {architecture} is not JSON-serializable ({e}); pass plain numbers/strings in per_depth, training and backbone kwargs.") from e
 

@@ -73,9 +73,13 @@ def test_checkpoint_folder_holds_timm_config_coop_section_and_card(tmp_path):
     assert "`coopnets train --model coop_resnet18`" in text
 
 
-def test_per_depth_rows_are_validated():
+def test_per_depth_rows_are_validated_and_made_plain_json():
     with pytest.raises(ValueError, match="distinct integer 'depth' values in 1..4"):
         checkpoint_config(tiny(), per_depth=[{"depth": 5}])
+    config = checkpoint_config(tiny(), per_depth=[{"depth": 1, "accuracy": torch.tensor(0.75)}], training={"out": Path("runs/x")})
+    assert config["coopnets"]["per_depth"] == [{"depth": 1, "accuracy": 0.75}] and config["coopnets"]["training"] == {"out": "runs/x"}
+    with pytest.raises(ValueError, match="not JSON-serializable"):
+        checkpoint_config(tiny(), training={"fn": print})
 
 
 def test_save_never_leaves_half_written_output_or_damages_a_good_folder(tmp_path, monkeypatch):
