@@ -9,15 +9,21 @@ Example:
 from ._registry import create_model, is_model, list_models, register_model
 from .models import DepthAdaptiveModel, ExitHead, ExitOutputs, StageLayout, get_layout, wrap
 from .profiler import profile
+from .budget import budget_curve, calibrate
+from .early_exit import EarlyExit, EarlyExitResult, simulate
 from .pretrained import push_to_hub, save_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DepthAdaptiveModel",
+    "EarlyExit",
+    "EarlyExitResult",
     "ExitHead",
     "ExitOutputs",
     "StageLayout",
+    "budget_curve",
+    "calibrate",
     "create_model",
     "get_layout",
     "is_model",
@@ -26,5 +32,6 @@ __all__ = [
     "push_to_hub",
     "register_model",
     "save_pretrained",
+    "simulate",
     "wrap",
 ]

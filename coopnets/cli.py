@@ -16,6 +16,7 @@ from typing import List, Optional
 
 SUBCOMMANDS = {
     "demo": ("coopnets.demo", "build a zoo model, run every depth and print its per-depth profile"),
+    "export": ("coopnets.export_cli", "write one depth of a model as a standalone ONNX, TorchScript or safetensors file"),
     "push": ("coopnets.hub_cli", "publish a finished training run's checkpoint (RUN_DIR/model) to the Hugging Face Hub"),
     "train": ("coopnets.train.cli", "train a depth-adaptive model (cooperative learning by default) and report every depth"),
 }

@@ -364,6 +364,23 @@ class DepthAdaptiveModel(nn.Module):
     def extra_repr(self) -> str:
         return f"plan={self.plan}, num_depths={self.num_depths}, depth={self._depth}"
 
+    # --- cost-adaptive inference (thin wrappers over coopnets.export / coopnets.budget) ---
+    def export(self, depth: int) -> nn.Module:
+        """A standalone ``nn.Module`` with only what ``depth`` runs (see :func:`coopnets.export.export_depth`)."""
+        from ..export import export_depth
+
+        return export_depth(self, depth)
+
+    def set_depth_for_budget(
+        self, latency_ms: float, batch_size: int = 1, input_size: Optional[Sequence[int]] = None, repeats: int = 10
+    ) -> "DepthAdaptiveModel":
+        """Set the deepest depth whose measured median latency fits ``latency_ms`` (see
+        :func:`coopnets.budget.depth_for_latency`); raises ``ValueError`` if none fits. Returns ``self``."""
+        from ..budget import depth_for_latency
+
+        depth, _ = depth_for_latency(self, latency_ms, batch_size, input_size, repeats=repeats)
+        return self.set_depth(depth)
+
 
 def wrap(backbone: Union[str, nn.Module], num_classes: Optional[int] = None, plan: str = "exits", **kwargs: Any) -> DepthAdaptiveModel:
     """Wrap any timm backbone (name or instance) into a :class:`DepthAdaptiveModel`.

@@ -1,0 +1,139 @@
+"""Standalone export of one depth: a plain ``nn.Module`` holding only what that depth runs.
+
+:func:`export_depth` (``model.export(depth=k)``) deep-copies what depth ``k`` needs:
+
+* ``exits`` plan, ``k`` below full depth: a copy of the backbone pruned with timm's
+  ``prune_intermediate_layers(indices=[i], prune_norm=True, prune_head=True)`` (later
+  stages, final norm and classifier removed) followed by a copy of exit head ``k``
+  (:class:`ExitModel`);
+* ``exits`` plan at full depth: a copy of the plain timm backbone;
+* ``blocks`` plan: a copy of the backbone whose stages keep only their first ``n``
+  blocks (:meth:`StageLayout.truncate`), run by timm's own ``forward``.
+
+The result has no depth state and no data-dependent control flow, gives the same
+outputs as ``model.set_depth(k)``, and traces with ``torch.export.export`` and
+``torch.jit.trace``. :func:`save` writes it as ONNX, TorchScript or safetensors (ONNX
+needs the optional extra ``pip install coopnets[export]``; the file is checked with
+onnxruntime when it is installed).
+
+Example:
+    >>> import torch, coopnets
+    >>> m = coopnets.create_model("coop_resnet18", num_classes=10).eval()
+    >>> small = m.export(depth=2)
+    >>> x = torch.randn(1, 3, 64, 64)
+    >>> torch.allclose(small(x), m.set_depth(2)(x), atol=1e-5)
+    True
+    >>> sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in m.parameters())
+    True
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .models.depth_adaptive import DepthAdaptiveModel
+from .models.exit_head import ExitHead
+
+FORMATS = ("onnx", "safetensors", "torchscript")
+
+
+class ExitModel(nn.Module):
+    """A pruned timm backbone that ends at feature ``index``, followed by an exit head."""
+
+    def __init__(self, backbone: nn.Module, head: ExitHead, index: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone.forward_intermediates(x, indices=[self.index], stop_early=True, intermediates_only=True)
+        return self.head(feats[-1])
+
+
+def export_depth(model: DepthAdaptiveModel, depth: int) -> nn.Module:
+    """A standalone copy of depth ``depth`` of ``model`` (see module docstring), in eval mode.
+
+    Raises:
+        ValueError: ``depth`` is not one of the model's depths (the message names them).
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or not (1 <= depth <= model.num_depths or depth == -1):
+        raise ValueError(
+            f"Cannot export depth {depth!r}: {model.backbone_name} has depths 1..{model.num_depths} "
+            f"(or -1 for full depth)."
+        )
+    depth = model.num_depths if depth == -1 else depth
+    backbone = copy.deepcopy(model.backbone)
+    if model.plan == "blocks":
+        model.layout.truncate(backbone, model.block_depths[depth - 1])
+        exported: nn.Module = backbone
+    elif depth == model.num_depths:
+        exported = backbone
+    else:
+        index = model.exit_indices[depth - 1]
+        backbone.prune_intermediate_layers(indices=[index], prune_norm=True, prune_head=True)
+        exported = ExitModel(backbone, copy.deepcopy(model.exits[depth - 1]), index)
+    return exported.eval()
+
+
+def example_input(model: DepthAdaptiveModel, img_size: Optional[int] = None, batch_size: int = 1) -> torch.Tensor:
+    """A random input of the model's configured size (or ``img_size`` x ``img_size``)."""
+    c, h, w = model.pretrained_cfg.get("input_size", (model.in_chans, 224, 224))
+    if img_size:
+        h = w = img_size
+    return torch.randn(batch_size, model.in_chans or c, h, w)
+
+
+def save(module: nn.Module, path: Union[str, Path], fmt: str, example: torch.Tensor,
+         metadata: Optional[Dict[str, Any]] = None) -> Path:
+    """Write an exported module as ``onnx``, ``torchscript`` or ``safetensors`` (weights + a JSON sidecar).
+
+    ``example`` fixes the traced input shape (ONNX gets a dynamic batch dimension).
+    ``metadata`` (model name, depth...) goes into the safetensors header and sidecar.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown export format {fmt!r}; valid formats: {', '.join(FORMATS)}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_model
+
+        save_model(module, str(path), metadata=meta)
+        path.with_suffix(".json").write_text(json.dumps({**meta, "input_shape": list(example.shape)}, indent=2))
+    elif fmt == "torchscript":
+        with torch.no_grad():
+            torch.jit.save(torch.jit.trace(module, example), str(path))
+    else:
+        try:
+            import onnx  # noqa: F401  (the dynamo exporter needs onnx and onnxscript)
+            import onnxscript  # noqa: F401
+        except ImportError as e:
+            raise ImportError("ONNX export needs the optional extra: pip install 'coopnets[export]'.") from e
+        batch = torch.export.Dim("batch", min=1)
+        if example.shape[0] == 1:  # torch.export specialises size-1 dims: trace with 2 to keep the batch dynamic
+            example = torch.cat([example, example])
+        with torch.no_grad():
+            torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["logits"],
+                              dynamic_shapes=({0: batch},), dynamo=True)
+    return path
+
+
+def check_onnx(path: Union[str, Path], module: nn.Module, example: torch.Tensor) -> Optional[float]:
+    """Max absolute difference between onnxruntime on ``path`` and ``module`` on ``example``; ``None`` without onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
+    with torch.no_grad():
+        want = module(example)
+    return float((torch.from_numpy(got) - want).abs().max())
+
