@@ -114,9 +114,7 @@ def _folder_split(root: Path, split: str, transform, required: bool = True):
     try:
         ds = create_dataset("", root=str(path), split=split, search_split=False, is_training=split == "train")
     except Exception as e:  # timm raises a bare RuntimeError/FileNotFoundError for an empty tree
-        raise DataError(f"Could not read images from {path}: {e}") from e
-    if len(ds) == 0:
-        raise DataError(f"Split folder {path} contains no images (expected {path}/<class>/<image>).")
+        raise DataError(f"Split folder {path} has no images usable as {path}/<class>/<image>: {e}") from e
     ds.transform = transform
     return ds
 

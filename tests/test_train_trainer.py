@@ -1,0 +1,96 @@
+"""The shared trainer and the CLI (issue 3): resume equality, run-folder safety, end-to-end outputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import coopnets
+from coopnets.cli import main as coopnets_main
+from coopnets.train import trainer as trainer_mod
+from coopnets.train.trainer import CHECKPOINT, TrainConfig, Trainer, load_checkpoint, train
+
+TINY = dict(model="test_resnet", img_size=16, limit_train=64, limit_eval=32, batch_size=32,
+            progress=False, profile_repeats=1, seed=3)
+
+
+def _epochs(run: Path):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epoch" in r]
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    full = Trainer(TrainConfig(out=str(tmp_path / "full"), epochs=2, **TINY), echo=False)
+    full.fit()
+
+    calls = []
+    original = trainer_mod.save_atomic
+
+    def crash_after_first_checkpoint(obj, path):
+        original(obj, path)
+        calls.append(path)
+        raise KeyboardInterrupt("simulated crash after epoch 1")
+
+    monkeypatch.setattr(trainer_mod, "save_atomic", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(TrainConfig(out=str(tmp_path / "cut"), epochs=2, **TINY), echo=False).fit()
+    monkeypatch.setattr(trainer_mod, "save_atomic", original)
+    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT)["epoch"] == 1
+    resumed = Trainer(TrainConfig(out=str(tmp_path / "cut"), epochs=2, resume=True, **TINY), echo=False)
+    assert resumed.start_epoch == 1
+    resumed.fit()
+
+    a, b = full.recipe.state_dict(), resumed.recipe.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    assert strip(_epochs(tmp_path / "full")) == strip(_epochs(tmp_path / "cut"))
+    assert len(_epochs(tmp_path / "cut")) == 2
+
+
+def test_run_folder_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CHECKPOINT).write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(TrainConfig(out=str(run), epochs=1, **TINY), echo=False)
+    assert (run / CHECKPOINT).read_bytes() == b"precious"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(TrainConfig(out=str(tmp_path / "empty"), epochs=1, resume=True, **TINY), echo=False)
+
+
+def test_cli_end_to_end_writes_metrics_table_plot_and_safetensors(tmp_path, capsys):
+    run = tmp_path / "cli"
+    argv = ["train", "--model", "test_resnet", "--dataset", "digits", "--method", "cooperative", "--epochs", "1",
+            "--img-size", "16", "--limit-train", "64", "--limit-eval", "32", "--batch-size", "32",
+            "--profile-repeats", "1", "--no-progress", "--recipe-opt", "temperature=2", "--out", str(run)]
+    assert coopnets_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| depth | accuracy |" in printed
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in records] == [1, None] and records[-1]["final"]
+    assert len(records[0]["val_accuracy"]["teammate_a"]) == 4
+    assert json.loads((run / "config.json").read_text())["recipe_opts"] == {"temperature": 2}
+    assert (run / "results.md").read_text().count("\n| ") == 5 and (run / "results.png").stat().st_size > 0
+    deployed = records[-1]["deployable"]
+    other = ({"teammate_a", "teammate_b"} - {deployed}).pop()
+    for name in (other, "leader"):
+        assert (run / f"{name}.safetensors").is_file()
+    fresh = coopnets.wrap("test_resnet", num_classes=10)
+    fresh.load_state_dict(load_file(str(run / "model" / "model.safetensors")))  # strict: every key matches
+    with pytest.raises(SystemExit, match="already holds a run"):
+        coopnets_main(argv)
+
+
+def test_cli_rejects_unknown_methods_listing_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        coopnets_main(["train", "--method", "nope"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and "cooperative" in err and "multi_exit" in err
+
+
+def test_trainer_runs_a_recipe_that_leaves_parameters_unused(tmp_path):
+    summary = train(TrainConfig(out=str(tmp_path / "ind"), method="independent", epochs=1,
+                                recipe_opts={"depth": 2}, **TINY), echo=False)
+    assert summary["deployable"] == "net" and len(summary["per_depth"]) == 4
