@@ -27,8 +27,8 @@ def test_loss_is_the_weighted_sum_of_documented_terms():
     out = recipe(*_batch())
     assert set(out.terms) == TERMS and len(out.logits) == recipe.teammate_a.num_depths
     c = recipe.config
-    expected = (out.terms["ce_full"] + c.w_sub_ce * out.terms["ce_sub"] + out.terms["kd_leader"] + out.terms["kd_self"]
-                + out.terms["ce_leader"] + c.w_mutual_kd * out.terms["kd_mutual"])
+    expected = (out.terms["ce_full"] + c.w_sub_ce * out.terms["ce_sub"] + c.w_leader_kd * out.terms["kd_leader"]
+                + c.w_self_kd * out.terms["kd_self"] + out.terms["ce_leader"] + c.w_mutual_kd * out.terms["kd_mutual"])
     assert float(out.loss) == pytest.approx(expected, rel=1e-5)
 
 
@@ -57,7 +57,8 @@ def test_mutual_kd_only_moves_the_student_side():
     recipe.zero_grad()
     # what A should learn: its labels at full depth + KD towards B's detached logits, depth by depth
     za, zb = a.forward_exits(x), b.forward_exits(x)
-    (ce(za[-1], y) + sum(kd(s, t, recipe.config.temperature) for s, t in zip(za, zb))).backward()
+    c = recipe.config
+    (ce(za[-1], y) + c.w_mutual_kd * sum(kd(s, t, c.temperature) for s, t in zip(za, zb))).backward()
     for g, p in zip(got, a.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6)
 
