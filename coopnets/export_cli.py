@@ -1,8 +1,8 @@
 """``coopnets export``: write one depth of a model as a standalone ONNX, TorchScript or safetensors file.
 
-``RUN_OR_MODEL`` is a zoo model name (``coop_resnet50``) or a folder written by
-``coopnets.pretrained.save_pretrained`` (``model.safetensors`` + ``config.json``, e.g. a
-training run's output). ONNX files are checked against PyTorch with onnxruntime when it
+``RUN_OR_MODEL`` is a zoo model name (``coop_resnet50``, untrained weights) or a folder
+written by ``coopnets.save_pretrained`` (``model.safetensors`` + ``config.json``), or a
+training run folder holding one in ``model/``; its trained weights are loaded. ONNX files are checked against PyTorch with onnxruntime when it
 is installed.
 
 Example:
@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
+from pathlib import Path
 
 from ._registry import create_model
 from .export import FORMATS, check_onnx, example_input, save
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="RUN_OR_MODEL", help="zoo model name, or a folder with model.safetensors + config.json")
+    parser.add_argument("model", metavar="RUN_OR_MODEL", help="zoo model name, or a folder (or run folder with model/) holding model.safetensors + config.json")
     parser.add_argument("--depth", type=int, required=True, help="depth to export, 1..num_depths (-1: full depth)")
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--out", required=True, help="output file")
@@ -29,9 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    name = "local-dir:" + args.model if os.path.isdir(args.model) else args.model
-    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    model = create_model(name, **kwargs).eval()
+    if os.path.isdir(args.model):
+        folder = Path(args.model)
+        folder = folder / "model" if not (folder / "config.json").exists() and (folder / "model" / "config.json").exists() else folder
+        model = create_model(f"local-dir:{folder}", pretrained=True).eval()
+    else:
+        model = create_model(args.model, **({} if args.num_classes is None else {"num_classes": args.num_classes})).eval()
     module = model.export(args.depth)
     example = example_input(model, args.img_size)
     meta = {"source": args.model, "depth": args.depth, "num_depths": model.num_depths, "plan": model.plan}

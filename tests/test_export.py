@@ -85,3 +85,15 @@ def test_cli_torchscript_and_safetensors(tmp_path, capsys):
               "--format", "safetensors", "--out", str(st), "--img-size", "64"])
     model = coopnets.create_model("coop_resnet18", num_classes=10)
     assert set(load_file(str(st))) == set(model.export(1).state_dict())
+
+
+def test_cli_exports_saved_checkpoint_with_its_weights(tmp_path):
+    torch.manual_seed(0)
+    model = coopnets.wrap("test_resnet", num_classes=3).eval()
+    coopnets.save_pretrained(model, tmp_path / "run" / "model")
+    out = tmp_path / "d2.pt"
+    cli.main(["export", str(tmp_path / "run"), "--depth", "2", "--format", "torchscript",
+              "--out", str(out), "--img-size", "64"])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(out))(x), model.forward_depth(x, 2), atol=1e-5, rtol=1e-4)
