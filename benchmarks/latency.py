@@ -147,7 +147,8 @@ def write_report(results: dict, out: Path) -> None:
         f"{results['warmup']} warm-up per variant; {results['elapsed_min']:.1f} min in all. Random-init weights "
         "(latency does not depend on them).", "",
         "## Per depth", "",
-        "`wrapper ms`, `timm ms`: medians. `vs full`: median latency / full-depth median latency (FLOPs ratio beside it). `vs timm`: median of per-repeat ratios wrapper / the same "
+        "`wrapper ms`, `timm ms`: medians. `vs full`: median latency / full-depth median latency (FLOPs ratio "
+        "beside it). `vs timm`: median of per-repeat ratios wrapper / the same "
         f"stages run by plain timm + exit head alone, interleaved (target <= {TARGETS['depth_vs_timm']} at batch 32; at full "
         f"depth this is the wrapper overhead, target <= {TARGETS['wrapper_overhead']}).", "",
         "| model | mode | batch | depth | wrapper ms | timm ms | vs timm | vs full | FLOPs ratio |",

@@ -199,7 +199,7 @@ def calibrate(
         >>> import torch, coopnets
         >>> m = coopnets.create_model("coop_resnet18", num_classes=10).eval()
         >>> data = [(torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,)))]
-        >>> cal = coopnets.calibrate(m, data, target_flops=1e12)
+        >>> cal = coopnets.calibrate(m, data, target_flops=1e12)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...
         ValueError: target_flops=1e+12 is outside ...
