@@ -29,7 +29,7 @@ def test_loss_is_the_weighted_sum_of_documented_terms():
     c = recipe.config
     expected = (out.terms["ce_full"] + c.w_sub_ce * out.terms["ce_sub"] + c.w_leader_kd * out.terms["kd_leader"]
                 + c.w_self_kd * out.terms["kd_self"] + out.terms["ce_leader"] + c.w_mutual_kd * out.terms["kd_mutual"])
-    assert float(out.loss) == pytest.approx(expected, rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_teammates_start_different_and_are_the_eval_models():
