@@ -15,9 +15,8 @@ What is measured:
 * accuracy -- the test split, per depth, of the net the recipe deploys
   (``recipe.deployable``; for ``cooperative`` the Teammate with the better mean
   validation accuracy);
-* ``independent`` -- one run per depth (:func:`~coopnets.train.recipes.independent.independent_configs`);
-  its depth-``d`` accuracy is the depth-``d`` entry of the run that trained depth ``d``
-  (:func:`~coopnets.train.recipes.independent.trained_depth_accuracy`) and its wall time
+* ``independent`` -- one run per depth (:func:`coopnets.train.trainer.train_each_depth`);
+  its depth-``d`` accuracy comes from the run that trained depth ``d`` and its wall time
   is the sum over its runs, i.e. the cost of obtaining all depths;
 * wall time -- the trainer's ``wall_time_s`` (training epochs including the per-epoch
   validation of the recipe's eval nets; data loading, final test and profiling excluded).
@@ -31,6 +30,7 @@ Example (the committed table; ~15 min on 2 shared CPU cores)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -43,8 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from coopnets.train.recipe import RECIPES
-from coopnets.train.recipes.independent import independent_configs, trained_depth_accuracy
-from coopnets.train.trainer import TrainConfig, model_factory, train
+from coopnets.train.trainer import TrainConfig, train
 
 REFERENCE = "cooperative"
 
@@ -55,21 +54,10 @@ def default_methods() -> List[str]:
 
 
 def run_method(method: str, base: TrainConfig, runs_dir: Path) -> Dict[str, Any]:
-    """Train ``method`` once (``independent``: once per depth); per-depth test accuracy and wall time."""
-    def one(tag: str, **changes: Any) -> Dict[str, Any]:
-        cfg = TrainConfig(**{**base.__dict__, "method": method, "out": str(runs_dir / tag), **changes})
-        return train(cfg, echo=False)
-
-    if method != "independent":
-        summary = one(f"{method}-seed{base.seed}")
-        return {"accuracy": list(summary["test_accuracy"]), "wall_time_s": summary["wall_time_s"]}
-    num_depths = model_factory(base.model, 2, base.plan)().num_depths
-    per_run, wall = {}, 0.0
-    for cfg in independent_configs(num_depths, base.recipe_opts):
-        summary = one(f"independent-depth{cfg.depth}-seed{base.seed}", recipe_opts={"depth": cfg.depth})
-        per_run[cfg.depth] = summary["test_accuracy"]
-        wall += summary["wall_time_s"]
-    return {"accuracy": trained_depth_accuracy(per_run), "wall_time_s": wall}
+    """Train ``method`` once (``independent``: the trainer runs one run per depth); per-depth test accuracy and wall time."""
+    cfg = dataclasses.replace(base, method=method, out=str(runs_dir / f"{method}-seed{base.seed}"))
+    summary = train(cfg, echo=False)
+    return {"accuracy": list(summary["test_accuracy"]), "wall_time_s": summary["wall_time_s"]}
 
 
 def mean_std(values: Sequence[float]) -> tuple:

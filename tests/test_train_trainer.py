@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,27 @@ def test_trainer_runs_a_recipe_that_leaves_parameters_unused(tmp_path):
     summary = train(TrainConfig(out=str(tmp_path / "ind"), method="independent", epochs=1,
                                 recipe_opts={"depth": 2}, **TINY), echo=False)
     assert summary["deployable"] == "net" and len(summary["per_depth"]) == 4
+
+
+def test_independent_without_depth_trains_every_depth_alone(tmp_path):
+    out = tmp_path / "alone"
+    summary = train(TrainConfig(out=str(out), method="independent", epochs=1, **TINY), echo=False)
+    runs = [out / f"depth{d}" for d in range(1, 5)]
+    assert summary["runs"] == [str(r) for r in runs]
+    for depth, run in enumerate(runs, start=1):
+        final = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("final")][0]
+        # the combined table takes depth d from the run that trained depth d
+        assert summary["test_accuracy"][depth - 1] == final["test_accuracy"]["net"][depth - 1]
+        assert json.loads((run / "config.json").read_text())["recipe_opts"] == {"depth": depth}
+    assert summary["wall_time_s"] == pytest.approx(sum(summary["run_wall_time_s"]))
+    assert [r["depth"] for r in summary["per_depth"]] == [1, 2, 3, 4]
+    assert (out / "results.md").is_file() and (out / "results.png").stat().st_size > 0
+    assert "One run per depth" in (out / "results.md").read_text()
+
+    # resume keeps finished runs as they are and starts the missing ones
+    before = (runs[0] / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(runs[3])
+    again = train(TrainConfig(out=str(out), method="independent", epochs=1, resume=True, **TINY), echo=False)
+    assert (runs[0] / "model" / "model.safetensors").read_bytes() == before
+    assert again["test_accuracy"][:3] == summary["test_accuracy"][:3]
+    assert (runs[3] / CHECKPOINT).is_file()

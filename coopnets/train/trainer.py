@@ -17,6 +17,10 @@ Run folder::
 
     config.json  metrics.jsonl  last.pth  results.md  results.png  model/  <name>.safetensors
 
+``method="independent"`` without a ``depth`` option trains one such run per depth in
+``depth1/ .. depthD/`` and writes the combined ``results.md``/``results.png`` beside them
+(:func:`train_each_depth`).
+
 Example:
     >>> cfg = TrainConfig(out="/tmp/coopnets-doctest", model="test_resnet", method="multi_exit", epochs=1,
     ...                   img_size=16, limit_train=64, limit_eval=32, progress=False, profile_repeats=1)
@@ -50,6 +54,7 @@ from tqdm.auto import tqdm
 
 from .._registry import create_model, is_model
 from ..models.depth_adaptive import DepthAdaptiveModel, wrap
+from ..pretrained import save_pretrained
 from ..profiler import format_table, profile
 from . import distributed as ddp
 from .data import DataSplits, load_data
@@ -157,14 +162,8 @@ def save_safetensors(module: nn.Module, path: Path) -> None:
 
 
 def save_deployable(model: DepthAdaptiveModel, directory: Path, rows: List[Dict[str, Any]], info: Dict[str, Any]) -> None:
-    """The deployable net as a pretrained folder (``coopnets.pretrained`` when present, else bare safetensors)."""
-    try:
-        from ..pretrained import save_pretrained
-    except ImportError:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_safetensors(model, directory / "model.safetensors")
-    else:
-        save_pretrained(model, directory, per_depth=rows, training=info)
+    """The deployable net as a pretrained folder (:func:`coopnets.save_pretrained`: safetensors, config, card)."""
+    save_pretrained(model, directory, per_depth=rows, training=info)
 
 
 # --- building blocks --------------------------------------------------------------------
@@ -353,10 +352,9 @@ class Trainer:
         info = {"method": self.cfg.method, "model": self.cfg.model, "dataset": self.cfg.data_dir or self.cfg.dataset,
                 "epochs": self.cfg.epochs, "seed": self.cfg.seed, "deployable": best, "wall_time_s": self.elapsed,
                 "val_accuracy": self.val_acc, "test_accuracy": test}
-        table = format_table(rows, extra=("accuracy", *[k for k in rows[0] if k.startswith("acc ")]))
-        report = _report_markdown(info, table)
-        (self.out / "results.md").write_text(report)
-        plot_accuracy_vs_flops(rows, test, best, self.out / "results.png")
+        about = (f"Deployable net: **{best}** (best mean val accuracy over depths). `accuracy` is its test accuracy "
+                 f"per depth; `acc NAME` columns are the other nets'.")
+        report = write_results(self.out, info, rows, about)
         save_deployable(nets[best], self.out / "model", rows, info)
         for name, child in self.recipe.named_children():
             if child is not nets[best]:
@@ -367,8 +365,59 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
-    """Run ``cfg`` to completion (see :class:`Trainer`); the summary is empty on ranks other than 0."""
+    """Run ``cfg`` to completion (see :class:`Trainer`); the summary is empty on ranks other than 0.
+
+    ``method="independent"`` without a ``depth`` recipe option is the baseline of one
+    run per depth (:func:`train_each_depth`).
+    """
+    if cfg.method == "independent" and "depth" not in cfg.recipe_opts:
+        return train_each_depth(cfg, echo)
     return Trainer(cfg, echo=echo).fit()
+
+
+def train_each_depth(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
+    """The ``independent`` baseline: every depth trained alone, one run each, in ``OUT/depth{d}``.
+
+    Run ``d`` trains only the truncated network of depth ``d`` (its stem, stages and
+    exit) and is a complete run folder of its own (checkpoint, metrics, ``model/``).
+    ``OUT/results.md`` and ``results.png`` combine them: depth ``d``'s row comes from
+    run ``d``; ``wall_time_s`` is the sum over runs, the cost of obtaining every depth.
+    With ``resume=True`` finished runs are kept, an interrupted one continues from its
+    checkpoint and missing ones start.
+
+    Example:
+        >>> cfg = TrainConfig(out="/tmp/coopnets-doctest-ind", model="test_resnet", method="independent", epochs=1,
+        ...                   img_size=16, limit_train=64, limit_eval=32, progress=False, profile_repeats=1)
+        >>> import shutil; shutil.rmtree(cfg.out, ignore_errors=True)
+        >>> summary = train(cfg, echo=False)
+        >>> len(summary["runs"]), len(summary["test_accuracy"])
+        (4, 4)
+    """
+    out = Path(cfg.out)
+    summaries: List[Dict[str, Any]] = []
+    num_depths = 1
+    while len(summaries) < num_depths:
+        depth = len(summaries) + 1
+        run_dir = out / f"depth{depth}"
+        sub = dataclasses.replace(cfg, out=str(run_dir), recipe_opts={**cfg.recipe_opts, "depth": depth},
+                                  resume=cfg.resume and (run_dir / CHECKPOINT).is_file())
+        trainer = Trainer(sub, echo=echo)
+        num_depths = trainer.recipe.net.num_depths
+        trainer.log(f"independent baseline: depth {depth} of {num_depths} -> {run_dir}")
+        summaries.append(trainer.fit())
+    if not trainer.dist.is_main:
+        return {}
+    rows = [dict(s["per_depth"][d]) for d, s in enumerate(summaries)]
+    accuracy = [r["accuracy"] for r in rows]
+    info = {"method": cfg.method, "model": cfg.model, "dataset": cfg.data_dir or cfg.dataset, "epochs": cfg.epochs,
+            "seed": cfg.seed, "deployable": None, "wall_time_s": sum(s["wall_time_s"] for s in summaries),
+            "run_wall_time_s": [s["wall_time_s"] for s in summaries],
+            "test_accuracy": {"each depth alone": accuracy}, "runs": [str(out / f"depth{d}") for d in range(1, num_depths + 1)]}
+    about = ("One run per depth (`depth{d}/`), each training only that depth's truncated network; `accuracy` at "
+             "depth d is run d's test accuracy, the wall time is the sum over runs. Each run's own `model/` holds its "
+             "weights.")
+    trainer.log(write_results(out, info, rows, about))
+    return {**info, "per_depth": rows, "test_accuracy": accuracy}
 
 
 # --- outputs --------------------------------------------------------------------------
@@ -400,17 +449,23 @@ def _epoch_line(r: Mapping[str, Any]) -> str:
     return f"epoch {r['epoch']}: loss {r['train_loss']:.4f}  val acc per depth  {val}  ({r['elapsed_s']:.0f}s)"
 
 
-def _report_markdown(info: Mapping[str, Any], table: str) -> str:
-    return (
+def write_results(out: Path, info: Mapping[str, Any], rows: List[Dict[str, Any]], about: str) -> str:
+    """Write the per-depth table (``results.md``) and accuracy-vs-FLOPs plot (``results.png``); returns the report."""
+    table = format_table(rows, extra=("accuracy", *[k for k in rows[0] if k.startswith("acc ")]))
+    report = (
         f"# {info['method']} training of {info['model']} on {info['dataset']}\n\n"
-        f"{info['epochs']} epochs, seed {info['seed']}, training wall time {info['wall_time_s']:.0f} s. "
-        f"Deployable net: **{info['deployable']}** (best mean val accuracy over depths). "
-        f"`accuracy` is its test accuracy per depth; `acc NAME` columns are the other nets'.\n\n{table}\n"
+        f"{info['epochs']} epochs, seed {info['seed']}, training wall time {info['wall_time_s']:.0f} s. {about}\n\n"
+        f"{table}\n"
     )
+    (out / "results.md").write_text(report)
+    plot_accuracy_vs_flops(rows, info["test_accuracy"], info["deployable"], out / "results.png")
+    return report
 
 
-def plot_accuracy_vs_flops(rows: List[Dict[str, Any]], test: Mapping[str, List[float]], best: str, path: Path) -> None:
-    """Test accuracy against GFLOPs, one point per depth, one line per eval net."""
+def plot_accuracy_vs_flops(
+    rows: List[Dict[str, Any]], test: Mapping[str, List[float]], best: Optional[str], path: Path
+) -> None:
+    """Test accuracy against GFLOPs, one point per depth, one line per eval net (``best`` drawn as deployed)."""
     import matplotlib
 
     matplotlib.use("Agg")

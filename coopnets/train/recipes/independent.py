@@ -7,33 +7,28 @@ depth ``d`` uses and its exit head (``exits`` plan), or the first blocks of ever
 ``trains_all_parameters = False``.
 
 The *baseline* is one such run per depth (``num_depths`` separately trained nets, the
-cost a single cooperative training claims to save): :func:`independent_configs` expands
-a base config into one config per depth, and :func:`trained_depth_accuracy` assembles
-the per-depth accuracy of the baseline from those runs.
+cost a single cooperative training claims to save): ``coopnets train --method
+independent`` without ``--recipe-opt depth=D`` runs them all
+(:func:`coopnets.train.trainer.train_each_depth`).
 
 Validation: :meth:`Independent.eval_models` returns the net, so a trainer validates it at
 every depth like any recipe, but only the entry of the trained depth is meaningful (the
 other depths use untrained stages or heads). Read ``recipe.trained_depth`` (1-based) or
-use :func:`trained_depth_accuracy`; :meth:`Independent.deployable` names the net.
+let :func:`~coopnets.train.trainer.train_each_depth` assemble the per-depth table;
+:meth:`Independent.deployable` names the net.
 
 Example:
     >>> import torch, coopnets
     >>> from coopnets.train.recipe import create_recipe
-    >>> cfgs = independent_configs(4)
-    >>> [c.depth for c in cfgs]
-    [1, 2, 3, 4]
-    >>> r = create_recipe("independent", lambda: coopnets.wrap("test_resnet", num_classes=3), cfgs[1])
+    >>> r = create_recipe("independent", lambda: coopnets.wrap("test_resnet", num_classes=3), {"depth": 2})
     >>> out = r(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))
     >>> r.trained_depth, len(out.logits), out.logits[1].shape
     (2, 4, torch.Size([2, 3]))
-    >>> trained_depth_accuracy({1: [0.5, 0.1], 2: [0.2, 0.7]})
-    [0.5, 0.7]
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping
 
 import torch
 
@@ -77,23 +72,3 @@ class Independent(Recipe):
 
     def deployable(self, val_accuracy: Mapping[str, List[float]]) -> str:
         return "net"
-
-
-def independent_configs(num_depths: int, base: Optional[Mapping[str, Any]] = None) -> List[IndependentConfig]:
-    """One :class:`IndependentConfig` per depth ``1..num_depths`` (``base`` sets the other options)."""
-    if num_depths < 1:
-        raise ValueError(f"num_depths must be >= 1, got {num_depths}.")
-    values = {k: v for k, v in dict(base or {}).items() if k != "depth"}
-    template = IndependentConfig.from_dict(values)
-    return [dataclasses.replace(template, depth=d) for d in range(1, num_depths + 1)]
-
-
-def trained_depth_accuracy(per_run: Mapping[int, Sequence[float]]) -> List[float]:
-    """Per-depth accuracy of the baseline from ``{trained depth: per-depth accuracy of that run}``.
-
-    Keeps, for each run, only the entry of the depth it trained; needs one run per depth.
-    """
-    depths = sorted(per_run)
-    if depths != list(range(1, len(depths) + 1)):
-        raise ValueError(f"Need one run for every depth 1..N, got runs for depths {depths}.")
-    return [float(per_run[d][d - 1]) for d in depths]
