@@ -1,6 +1,7 @@
 """The shared trainer and the CLI (issue 3): resume equality, run-folder safety, end-to-end outputs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -119,3 +120,32 @@ def test_independent_without_depth_trains_every_depth_alone(tmp_path):
     assert (runs[0] / "model" / "model.safetensors").read_bytes() == before
     assert again["test_accuracy"][:3] == summary["test_accuracy"][:3]
     assert (runs[3] / CHECKPOINT).is_file()
+
+
+def test_recorded_command_reproduces_the_config(tmp_path):
+    import argparse
+    import shlex
+
+    from coopnets.train.cli import add_arguments, config_from_args
+
+    cfg = TrainConfig(out=str(tmp_path / "r un"), model="coop_resnet18", method="mlcsd", epochs=3, lr=0.1, amp=False,
+                      deterministic=True, progress=False, limit_train=64, recipe_opts={"temperature": 3.0, "kd_weight": 2})
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = shlex.split(cfg.command())
+    assert argv[:2] == ["coopnets", "train"]
+    assert config_from_args(parser.parse_args(argv[2:])) == cfg
+    assert cfg.command(world_size=2).startswith("torchrun --nproc_per_node=2 -m coopnets.train ")
+    assert "--resume" not in dataclasses.replace(cfg, resume=True).command()
+
+
+def test_deployable_checkpoint_records_how_it_was_made(tmp_path):
+    from coopnets.models.manifest import checkpoint_record
+
+    train(TrainConfig(out=str(tmp_path / "run"), method="multi_exit", epochs=1, **TINY), echo=False)
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    training = config["coopnets"]["training"]
+    assert training["command"].startswith("coopnets train --out ") and "--method multi_exit" in training["command"]
+    # a real run's checkpoint is complete enough for the zoo manifest (hub/publish.py)
+    record = checkpoint_record(config, config["architecture"], "digits", "org/x@abc")
+    assert record["training"]["seed"] == 3 and len(record["per_depth"]) == 4

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import os
 import random
+import shlex
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -105,6 +106,31 @@ class TrainConfig:
     device: Optional[str] = None
     profile_repeats: int = 10
     progress: bool = True
+
+    def command(self, world_size: int = 1) -> str:
+        """The ``coopnets train`` command line that reproduces this config (flags for non-default fields, no ``--resume``).
+
+        Recorded in every checkpoint's training record, so a published model says how it was made.
+
+        Example:
+            >>> TrainConfig(out="runs/r18", epochs=3, recipe_opts={"leader": "resnet50"}).command()
+            'coopnets train --out runs/r18 --epochs 3 --recipe-opt leader=resnet50'
+        """
+        default = TrainConfig()
+        flags: List[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == getattr(default, f.name) or f.name in ("recipe_opts", "resume"):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                flags.append(flag if value else f"--no-{f.name}")
+            else:
+                flags += [flag, shlex.quote(str(value))]
+        flags += [f"--recipe-opt {shlex.quote(f'{k}={v!r}' if not isinstance(v, str) else f'{k}={v}')}"
+                  for k, v in self.recipe_opts.items()]
+        launcher = "coopnets train" if world_size == 1 else f"torchrun --nproc_per_node={world_size} -m coopnets.train"
+        return " ".join([launcher, *flags])
 
 
 # --- reproducibility ------------------------------------------------------------------
@@ -350,8 +376,8 @@ class Trainer:
             r["accuracy"] = test[best][r["depth"] - 1]
             r.update({f"acc {name}": acc[r["depth"] - 1] for name, acc in test.items() if name != best})
         info = {"method": self.cfg.method, "model": self.cfg.model, "dataset": self.cfg.data_dir or self.cfg.dataset,
-                "epochs": self.cfg.epochs, "seed": self.cfg.seed, "deployable": best, "wall_time_s": self.elapsed,
-                "val_accuracy": self.val_acc, "test_accuracy": test}
+                "epochs": self.cfg.epochs, "seed": self.cfg.seed, "command": self.cfg.command(self.dist.world_size),
+                "deployable": best, "wall_time_s": self.elapsed, "val_accuracy": self.val_acc, "test_accuracy": test}
         about = (f"Deployable net: **{best}** (best mean val accuracy over depths). `accuracy` is its test accuracy "
                  f"per depth; `acc NAME` columns are the other nets'.")
         report = write_results(self.out, info, rows, about)
@@ -410,7 +436,7 @@ def train_each_depth(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
     rows = [dict(s["per_depth"][d]) for d, s in enumerate(summaries)]
     accuracy = [r["accuracy"] for r in rows]
     info = {"method": cfg.method, "model": cfg.model, "dataset": cfg.data_dir or cfg.dataset, "epochs": cfg.epochs,
-            "seed": cfg.seed, "deployable": None, "wall_time_s": sum(s["wall_time_s"] for s in summaries),
+            "seed": cfg.seed, "command": cfg.command(trainer.dist.world_size), "deployable": None, "wall_time_s": sum(s["wall_time_s"] for s in summaries),
             "run_wall_time_s": [s["wall_time_s"] for s in summaries],
             "test_accuracy": {"each depth alone": accuracy}, "runs": [str(out / f"depth{d}") for d in range(1, num_depths + 1)]}
     about = ("One run per depth (`depth{d}/`), each training only that depth's truncated network; `accuracy` at "
