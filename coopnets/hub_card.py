@@ -56,6 +56,12 @@ def _measured_on(per_depth: List[Dict[str, Any]]) -> str:
     return "; ".join(f"{device}, batch size {bs if bs is not None else 'unknown'}" for device, bs in setups)
 
 
+def _training_rows(training: Dict[str, Any]) -> Dict[str, str]:
+    """The card's training table: scalar fields only (per-net accuracy lists live in the results table)."""
+    return {k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in training.items()
+            if v is not None and not isinstance(v, (dict, list, tuple))}
+
+
 def _plan_text(coop: Dict[str, Any]) -> str:
     if coop["plan"] == "blocks":
         return "every depth runs all stages with the first n blocks of each: " + ", ".join(map(str, coop["block_depths"]))
@@ -114,7 +120,7 @@ def model_card(config: Dict[str, Any], model_id: str) -> ModelCard:
         input_size=input_size,
         mean=tuple(cfg.get("mean", ())),
         std=tuple(cfg.get("std", ())),
-        training=training,
+        training=_training_rows(training),
         per_depth=_table_rows(per_depth),
         measured_on=_measured_on(per_depth),
     )

@@ -73,6 +73,13 @@ def test_checkpoint_folder_holds_timm_config_coop_section_and_card(tmp_path):
     assert "`coopnets train --model coop_resnet18`" in text
 
 
+def test_card_training_table_shows_scalars_not_raw_dicts(tmp_path):
+    training = {**TRAINING, "wall_time_s": 44.075557, "val_accuracy": {"teammate_a": [0.9, 0.95]}}
+    text = ModelCard.load(save_pretrained(tiny(), tmp_path / "c", training=training) / "README.md").text
+    assert "| wall_time_s | 44.08 |" in text
+    assert "teammate_a" not in text and "val_accuracy" not in text
+
+
 def test_per_depth_rows_are_validated_and_made_plain_json():
     with pytest.raises(ValueError, match="distinct integer 'depth' values in 1..4"):
         checkpoint_config(tiny(), per_depth=[{"depth": 5}])

@@ -98,7 +98,7 @@ def test_loss_decreases_on_a_fixed_batch(case):
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         assert torch.isfinite(out.loss)
     assert losses[-1] < 0.8 * losses[0], losses
     assert len(out.logits) == recipe.eval_models()["net"].num_depths
