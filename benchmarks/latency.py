@@ -141,8 +141,10 @@ def write_report(results: dict, out: Path) -> None:
         "# Latency benchmark (CPU)", "",
         f"Command: `{results['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores visible, {m['torch_threads']} torch threads; "
-        f"torch {m['torch']}, timm {m['timm']}, Python {m['python']}. Shared with other jobs while it ran: "
-        "interleaved repeats and medians, but noise remains.  ",
+        f"torch {m['torch']}, timm {m['timm']}, Python {m['python']}. "
+        + (f"Load average (1 min) {results['load'][0]:.2f} at the start, {results['load'][1]:.2f} at the end (the "
+           "benchmark's own threads count too); " if "load" in results else "")
+        + "interleaved repeats and medians absorb some noise, not all.  ",
         f"Input {results['img_size']}x{results['img_size']}, {results['repeats']} interleaved repeats after "
         f"{results['warmup']} warm-up per variant; {results['elapsed_min']:.1f} min in all. Random-init weights "
         "(latency does not depend on them).", "",
@@ -224,10 +226,16 @@ def main(argv: Sequence[str] = ()) -> int:
                    help="batch sizes to measure compiled (default: all of --batch-sizes)")
     p.add_argument("--no-early-exit", action="store_true")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--from-json", type=Path, default=None, help="only re-render latency.md/png from a saved latency.json")
     args = p.parse_args(list(argv) or None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        write_report(results, out)
+        plot(results, out)
+        return 0
+    start, load_at_start = time.time(), os.getloadavg()[0]
     results: dict = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(),
                      "img_size": args.img_size, "repeats": args.repeats, "warmup": args.warmup,
                      "batch_sizes": args.batch_sizes, "depths": [], "early_exit": []}
@@ -252,6 +260,7 @@ def main(argv: Sequence[str] = ()) -> int:
                 print(f"{name} early exit batch {bs}: speed-up {e['speedup']:.2f}x, FLOPs saving "
                       f"{e['flops_saving']:.2f}x, fractions {e['exit_fractions']}", flush=True)
     results["elapsed_min"] = (time.time() - start) / 60
+    results["load"] = [load_at_start, os.getloadavg()[0]]
     (out / "latency.json").write_text(json.dumps(results, indent=1))
     write_report(results, out)
     plot(results, out)
