@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -85,7 +86,8 @@ def to_markdown(res: Dict[str, Any], args: argparse.Namespace, command: str) -> 
         f"Command: `{command}`",
         "",
         f"Machine: {platform.platform()}, {torch.get_num_threads()} torch thread(s), CPU only, "
-        f"shared with other jobs (wall times are indicative). torch {torch.__version__}.",
+        f"load average (1 min) {res['load'][0]:.2f} at the start and {res['load'][1]:.2f} at the end (this "
+        f"benchmark's own thread included). torch {torch.__version__}.",
         "",
         f"Setting: {args.epochs} epochs, batch {args.batch_size}, SGD lr {args.lr} cosine, "
         f"{args.img_size}x{args.img_size} inputs, seeds {list(args.seeds)}; test split of 360 images. "
@@ -142,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = "python benchmarks/cooperative_vs_individual.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    load_at_start = os.getloadavg()[0]
     res = benchmark(args)
+    res["load"] = [load_at_start, os.getloadavg()[0]]
     md = to_markdown(res, args, command)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{NAME}.md").write_text(md)
