@@ -436,7 +436,8 @@ def train_each_depth(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
     rows = [dict(s["per_depth"][d]) for d, s in enumerate(summaries)]
     accuracy = [r["accuracy"] for r in rows]
     info = {"method": cfg.method, "model": cfg.model, "dataset": cfg.data_dir or cfg.dataset, "epochs": cfg.epochs,
-            "seed": cfg.seed, "command": cfg.command(trainer.dist.world_size), "deployable": None, "wall_time_s": sum(s["wall_time_s"] for s in summaries),
+            "seed": cfg.seed, "command": cfg.command(trainer.dist.world_size), "deployable": None,
+            "wall_time_s": sum(s["wall_time_s"] for s in summaries),
             "run_wall_time_s": [s["wall_time_s"] for s in summaries],
             "test_accuracy": {"each depth alone": accuracy}, "runs": [str(out / f"depth{d}") for d in range(1, num_depths + 1)]}
     about = ("One run per depth (`depth{d}/`), each training only that depth's truncated network; `accuracy` at "
