@@ -108,19 +108,22 @@ class TrainConfig:
     progress: bool = True
 
     def command(self, world_size: int = 1) -> str:
-        """The ``coopnets train`` command line that reproduces this config (flags for non-default fields, no ``--resume``).
+        """The ``coopnets train`` command line that reproduces this config, without ``--resume``.
 
-        Recorded in every checkpoint's training record, so a published model says how it was made.
+        Model, method, data, epochs, input size and seed are always spelled out; other
+        fields only where they differ from the defaults. Recorded in every checkpoint's
+        training record, so a published model says how it was made.
 
         Example:
             >>> TrainConfig(out="runs/r18", epochs=3, recipe_opts={"leader": "resnet50"}).command()
-            'coopnets train --out runs/r18 --epochs 3 --recipe-opt leader=resnet50'
+            'coopnets train --out runs/r18 --model coop_resnet18 --method cooperative --dataset digits --img-size 32 --epochs 3 --seed 0 --recipe-opt leader=resnet50'
         """
         default = TrainConfig()
+        always = {"model", "method", "img_size", "epochs", "seed", "dataset" if self.data_dir is None else "data_dir"}
         flags: List[str] = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value == getattr(default, f.name) or f.name in ("recipe_opts", "resume"):
+            if (value == getattr(default, f.name) and f.name not in always) or f.name in ("recipe_opts", "resume"):
                 continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):
