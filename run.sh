@@ -7,9 +7,11 @@
 #   ./run.sh env    - only build/refresh the virtual environment
 #
 # The virtual environment gets torch and torchvision from the package registry as one
-# matching pair. PIP_FIND_LINKS and PIP_EXTRA_INDEX_URL are emptied on purpose: this kind
-# of machine prefers a local CPU-only torch wheel through its pip config, and the
-# registry's torchvision does not load against it ("operator torchvision::nms does not exist").
+# matching pair. The machine's pip config adds a local CPU-only torch wheel (find-links)
+# and local package indexes; the registry's torchvision does not load against that torch
+# ("operator torchvision::nms does not exist"). Setting PIP_FIND_LINKS and
+# PIP_EXTRA_INDEX_URL to a blank (not empty: pip ignores empty variables) makes pip use
+# the registry alone.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${COOPNETS_VENV:-.venv}"
@@ -24,8 +26,8 @@ ensure_env() {
   fi
   echo "[run.sh] building $VENV (torch + torchvision from the registry, as a pair)" >&2
   [ -x "$PY" ] || python3 -m venv "$VENV"
-  PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= "$PY" -m pip install --upgrade --quiet pip
-  PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= "$PY" -m pip install --quiet -e '.[test,export]'
+  PIP_FIND_LINKS=" " PIP_EXTRA_INDEX_URL=" " "$PY" -m pip install --upgrade --quiet pip
+  PIP_FIND_LINKS=" " PIP_EXTRA_INDEX_URL=" " "$PY" -m pip install --quiet -e '.[test,export]'
   "$PY" -c "import torch, torchvision, timm; print(f'[run.sh] torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}')" >&2
   echo "$want" > "$stamp"
 }
