@@ -81,5 +81,5 @@ def test_loss_decreases_on_a_fixed_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses

@@ -7,11 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 
 import coopnets
 from coopnets.cli import main as coopnets_main
+from coopnets.train import load_data
 from coopnets.train import trainer as trainer_mod
 from coopnets.train.trainer import CHECKPOINT, TrainConfig, Trainer, load_checkpoint, train
 
@@ -81,6 +83,13 @@ def test_cli_end_to_end_writes_metrics_table_plot_and_safetensors(tmp_path, caps
         assert (run / f"{name}.safetensors").is_file()
     fresh = coopnets.wrap("test_resnet", num_classes=10)
     fresh.load_state_dict(load_file(str(run / "model" / "model.safetensors")))  # strict: every key matches
+    # the Leader, a plain network trained in the same run, is scored on the test split as the run's own baseline
+    leader = timm.create_model("test_resnet", num_classes=10)
+    leader.load_state_dict(load_file(str(run / "leader.safetensors")))
+    test_loader = trainer_mod.make_loader(load_data("digits", img_size=16).limited(64, 32).test, 32, 0)
+    expected = trainer_mod.evaluate(leader, test_loader, torch.device("cpu"))[0]
+    assert records[-1]["reference_test_accuracy"] == {"leader": expected}
+    assert f"leader {expected:.4f}" in (run / "results.md").read_text()
     with pytest.raises(SystemExit, match="already holds a run"):
         coopnets_main(argv)
 

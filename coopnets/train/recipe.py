@@ -89,6 +89,14 @@ class Recipe(nn.Module):
         """The nets validated at every depth each epoch, by name."""
         raise NotImplementedError
 
+    def reference_models(self) -> Dict[str, nn.Module]:
+        """Plain classifiers the method trains alongside (e.g. the cooperative Leader), by name.
+
+        Never deployed; the trainer scores them once on the test split so that a run
+        reports its own plain-network baseline. Default: none.
+        """
+        return {}
+
     def deployable(self, val_accuracy: Mapping[str, List[float]]) -> str:
         """Name (a key of :meth:`eval_models`) of the net to deploy, given per-depth val accuracy."""
         return max(val_accuracy, key=lambda k: sum(val_accuracy[k]) / len(val_accuracy[k]))

@@ -215,15 +215,19 @@ def make_loader(ds: Dataset, batch_size: int, workers: int, sampler: Optional[Di
 
 
 @torch.inference_mode()
-def evaluate(model: DepthAdaptiveModel, loader: DataLoader, device: torch.device) -> List[float]:
-    """Accuracy of every depth of ``model`` on ``loader`` (one shared pass per batch), shallowest first."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> List[float]:
+    """Accuracy of every depth of ``model`` on ``loader`` (one shared pass per batch), shallowest first.
+
+    A plain classifier (not a :class:`DepthAdaptiveModel`) counts as one depth.
+    """
     was_training = model.training
     model.eval()
-    correct = torch.zeros(model.num_depths, dtype=torch.long)
+    adaptive = isinstance(model, DepthAdaptiveModel)
+    correct = torch.zeros(model.num_depths if adaptive else 1, dtype=torch.long)
     total = 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        for k, logits in enumerate(model.forward_exits(x)):
+        for k, logits in enumerate(model.forward_exits(x) if adaptive else [model(x)]):
             correct[k] += int((logits.argmax(-1) == y).sum())
         total += len(y)
     model.train(was_training)
@@ -373,7 +377,10 @@ class Trainer:
         """Test every eval net, profile the deployable one, write table, plot and models."""
         nets = self.recipe.eval_models()
         best = self.recipe.deployable(self.val_acc)
-        test = self.validate(make_loader(self.data.test, self.cfg.batch_size, self.cfg.workers))
+        test_loader = make_loader(self.data.test, self.cfg.batch_size, self.cfg.workers)
+        test = self.validate(test_loader)
+        references = {name: evaluate(m, test_loader, self.dist.device)[0]
+                      for name, m in self.recipe.reference_models().items()}
         rows = profile(nets[best], input_size=self.data.input_size, repeats=self.cfg.profile_repeats, print_table=False)
         for r in rows:
             r["accuracy"] = test[best][r["depth"] - 1]
@@ -383,6 +390,10 @@ class Trainer:
                 "deployable": best, "wall_time_s": self.elapsed, "val_accuracy": self.val_acc, "test_accuracy": test}
         about = (f"Deployable net: **{best}** (best mean val accuracy over depths). `accuracy` is its test accuracy "
                  f"per depth; `acc NAME` columns are the other nets'.")
+        if references:
+            info["reference_test_accuracy"] = references
+            about += " Plain networks trained in the same run, test accuracy: " + ", ".join(
+                f"{name} {acc:.4f}" for name, acc in references.items()) + "."
         report = write_results(self.out, info, rows, about)
         save_deployable(nets[best], self.out / "model", rows, info)
         for name, child in self.recipe.named_children():

@@ -134,3 +134,6 @@ class Cooperative(Recipe):
 
     def eval_models(self) -> Dict[str, DepthAdaptiveModel]:
         return {"teammate_a": self.teammate_a, "teammate_b": self.teammate_b}
+
+    def reference_models(self) -> Dict[str, nn.Module]:
+        return {"leader": self.leader}
