@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from coopnets.train.recipe import RECIPES
 from coopnets.train.trainer import TrainConfig, train
@@ -177,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: Dict[str, List[Dict[str, Any]]] = {m: [] for m in methods}
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(args.seeds) * len(methods), unit="run") as bar:
         runs_dir = Path(args.runs_dir or tmp)
         for seed in args.seeds:
             base = TrainConfig(
@@ -186,10 +187,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 device=args.device, progress=False, profile_repeats=1,
             )
             for method in methods:
+                bar.set_description(f"seed {seed} {method}")
                 r = run_method(method, base, runs_dir)
                 results[method].append({"seed": seed, **r})
                 accs = "/".join(f"{100 * a:.1f}" for a in r["accuracy"])
-                print(f"seed {seed} {method:12s} acc {accs}  train {r['wall_time_s']:.1f}s", flush=True)
+                bar.write(f"seed {seed} {method:12s} acc {accs}  train {r['wall_time_s']:.1f}s")
+                bar.update(1)
     total = time.perf_counter() - start
     table = aggregate(results)
     (out / "compare_methods.json").write_text(json.dumps({"command": command, "runs": results, "table": table}, indent=2) + "\n")

@@ -25,11 +25,11 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from coopnets.train.trainer import TrainConfig, train
 
@@ -37,10 +37,12 @@ RESULTS = Path(__file__).parent / "results"
 NAME = "cooperative_vs_individual"
 
 
-def run(cfg: TrainConfig, root: Path, tag: str) -> Dict[str, Any]:
+def run(cfg: TrainConfig, root: Path, tag: str, bar: tqdm) -> Dict[str, Any]:
     cfg.out = str(root / tag)
-    print(f"[{time.strftime('%H:%M:%S')}] {tag}", flush=True)
-    return train(cfg, echo=False)
+    bar.set_description(tag)
+    summary = train(cfg, echo=False)
+    bar.update(1)
+    return summary
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -52,13 +54,14 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     base = dict(model=args.model, img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size,
                 lr=args.lr, progress=False, profile_repeats=args.profile_repeats)
     results: Dict[str, Any] = {"cooperative": [], "individual": [], "flops": None}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=2 * len(args.seeds), unit="run") as bar:
         root = Path(tmp)
         for seed in args.seeds:
-            coop = run(TrainConfig(method="cooperative", seed=seed, **base), root, f"coop-s{seed}")
+            coop = run(TrainConfig(method="cooperative", seed=seed, **base), root, f"coop-s{seed}", bar)
             results["flops"] = [r["flops"] for r in coop["per_depth"]]
             results["cooperative"].append({"acc": coop["test_accuracy"], "wall_s": coop["wall_time_s"]})
-            alone = run(TrainConfig(method="independent", seed=seed, **base), root, f"alone-s{seed}")  # one run per depth
+            # every depth trained alone: the trainer runs one run per depth
+            alone = run(TrainConfig(method="independent", seed=seed, **base), root, f"alone-s{seed}", bar)
             results["individual"].append([{"acc": a, "wall_s": w}
                                           for a, w in zip(alone["test_accuracy"], alone["run_wall_time_s"])])
     return results
