@@ -89,6 +89,15 @@ class Recipe(nn.Module):
         """The nets validated at every depth each epoch, by name."""
         raise NotImplementedError
 
+    @classmethod
+    def runs_per_depth(cls, options: Mapping[str, Any]) -> bool:
+        """Whether ``options`` ask for one separate run per depth instead of one run.
+
+        The trainer then trains every depth in a run of its own, passing ``depth=d``
+        (:func:`coopnets.train.trainer.train_each_depth`). Default: never.
+        """
+        return False
+
     def reference_models(self) -> Dict[str, nn.Module]:
         """Plain classifiers the method trains alongside (e.g. the cooperative Leader), by name.
 

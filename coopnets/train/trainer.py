@@ -59,7 +59,7 @@ from ..pretrained import save_pretrained
 from ..profiler import format_table, profile
 from . import distributed as ddp
 from .data import DataSplits, load_data
-from .recipe import ModelFactory, Recipe, create_recipe
+from .recipe import RECIPES, ModelFactory, Recipe, create_recipe
 
 CHECKPOINT = "last.pth"
 
@@ -407,19 +407,21 @@ class Trainer:
 def train(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
     """Run ``cfg`` to completion (see :class:`Trainer`); the summary is empty on ranks other than 0.
 
-    ``method="independent"`` without a ``depth`` recipe option is the baseline of one
-    run per depth (:func:`train_each_depth`).
+    A recipe whose options ask for one run per depth (``independent`` without a
+    ``depth`` option, see :meth:`Recipe.runs_per_depth`) goes to :func:`train_each_depth`.
     """
-    if cfg.method == "independent" and "depth" not in cfg.recipe_opts:
+    recipe_cls = RECIPES.get(cfg.method)
+    if recipe_cls is not None and recipe_cls.runs_per_depth(cfg.recipe_opts):
         return train_each_depth(cfg, echo)
     return Trainer(cfg, echo=echo).fit()
 
 
 def train_each_depth(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
-    """The ``independent`` baseline: every depth trained alone, one run each, in ``OUT/depth{d}``.
+    """One run per depth, in ``OUT/depth{d}``, each with the recipe option ``depth=d``.
 
-    Run ``d`` trains only the truncated network of depth ``d`` (its stem, stages and
-    exit) and is a complete run folder of its own (checkpoint, metrics, ``model/``).
+    For ``independent`` this is the baseline: run ``d`` trains only the truncated network
+    of depth ``d`` (its stem, stages and exit). Each run is a complete run folder of its
+    own (checkpoint, metrics, ``model/``).
     ``OUT/results.md`` and ``results.png`` combine them: depth ``d``'s row comes from
     run ``d``; ``wall_time_s`` is the sum over runs, the cost of obtaining every depth.
     With ``resume=True`` finished runs are kept, an interrupted one continues from its

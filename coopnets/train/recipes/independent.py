@@ -59,6 +59,11 @@ class Independent(Recipe):
         #: the trained depth, 1-based (``config.depth`` with -1 resolved).
         self.trained_depth = self.net._resolve_depth(self.config.depth)
 
+    @classmethod
+    def runs_per_depth(cls, options: Mapping[str, Any]) -> bool:
+        """Without a ``depth`` option, the baseline: every depth trained alone, one run each."""
+        return "depth" not in options
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> RecipeOutput:
         """Loss of the trained depth. ``logits`` has one entry per depth so trainers can
         index it like any recipe's; every depth's entry holds the trained depth's logits
