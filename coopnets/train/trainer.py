@@ -130,8 +130,8 @@ class TrainConfig:
                 flags.append(flag if value else f"--no-{f.name}")
             else:
                 flags += [flag, shlex.quote(str(value))]
-        flags += [f"--recipe-opt {shlex.quote(f'{k}={v!r}' if not isinstance(v, str) else f'{k}={v}')}"
-                  for k, v in self.recipe_opts.items()]
+        for key, value in self.recipe_opts.items():  # strings as they are, other values as Python literals
+            flags += ["--recipe-opt", shlex.quote(f"{key}={value if isinstance(value, str) else repr(value)}")]
         launcher = "coopnets train" if world_size == 1 else f"torchrun --nproc_per_node={world_size} -m coopnets.train"
         return " ".join([launcher, *flags])
 
@@ -444,8 +444,9 @@ def train_each_depth(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
         sub = dataclasses.replace(cfg, out=str(run_dir), recipe_opts={**cfg.recipe_opts, "depth": depth},
                                   resume=cfg.resume and (run_dir / CHECKPOINT).is_file())
         trainer = Trainer(sub, echo=echo)
-        num_depths = trainer.recipe.net.num_depths
-        trainer.log(f"independent baseline: depth {depth} of {num_depths} -> {run_dir}")
+        (net,) = trainer.recipe.eval_models().values()
+        num_depths = net.num_depths
+        trainer.log(f"{cfg.method}: run for depth {depth} of {num_depths} -> {run_dir}")
         summaries.append(trainer.fit())
     if not trainer.dist.is_main:
         return {}
@@ -455,7 +456,8 @@ def train_each_depth(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
             "seed": cfg.seed, "command": cfg.command(trainer.dist.world_size), "deployable": None,
             "wall_time_s": sum(s["wall_time_s"] for s in summaries),
             "run_wall_time_s": [s["wall_time_s"] for s in summaries],
-            "test_accuracy": {"each depth alone": accuracy}, "runs": [str(out / f"depth{d}") for d in range(1, num_depths + 1)]}
+            "test_accuracy": {"each depth alone": accuracy},
+            "runs": [str(out / f"depth{d}") for d in range(1, num_depths + 1)]}
     about = ("One run per depth (`depth{d}/`), each training only that depth's truncated network; `accuracy` at "
              "depth d is run d's test accuracy, the wall time is the sum over runs. Each run's own `model/` holds its "
              "weights.")
