@@ -2,7 +2,7 @@
 
 Trains each method (``cooperative`` first, then every other registered recipe) with the
 same backbone, depth plan, data, epochs, optimiser and seeds, through the trainer's
-public :func:`coopnets.train.trainer.train`, and writes to ``--out``:
+public :func:`coopnets.train.train`, and writes to ``--out``:
 
 * ``compare_methods.md`` -- per-depth test accuracy (mean ± std over seeds), the mean
   over depths, and training wall time, absolute and relative to ``cooperative``
@@ -15,7 +15,7 @@ What is measured:
 * accuracy -- the test split, per depth, of the net the recipe deploys
   (``recipe.deployable``; for ``cooperative`` the Teammate with the better mean
   validation accuracy);
-* ``independent`` -- one run per depth (:func:`coopnets.train.trainer.train_each_depth`);
+* ``independent`` -- one run per depth (:func:`coopnets.train.sweep.train_each_depth`);
   its depth-``d`` accuracy comes from the run that trained depth ``d`` and its wall time
   is the sum over its runs, i.e. the cost of obtaining all depths;
 * wall time -- the trainer's ``wall_time_s`` (training epochs including the per-epoch
@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from coopnets.train.recipe import RECIPES
-from coopnets.train.trainer import TrainConfig, train
+from coopnets.train import TrainConfig, train
 
 REFERENCE = "cooperative"
 

@@ -31,7 +31,7 @@ from typing import Any, Dict, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from coopnets.train.trainer import TrainConfig, train
+from coopnets.train import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "cooperative_vs_individual"

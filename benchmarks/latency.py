@@ -38,8 +38,8 @@ import timm
 import torch
 
 import coopnets
-from coopnets.early_exit import EarlyExit
-from coopnets.profiler import measure_latency, profile
+from coopnets.inference.early_exit import EarlyExit
+from coopnets.inference.profiler import measure_latency, profile
 
 DEFAULT_MODELS = ("coop_resnet50", "coop_mobilenetv3_large_100", "coop_convnext_tiny", "coop_vit_small_patch16_224")
 TARGETS = {"wrapper_overhead": 1.02, "depth_vs_timm": 1.05, "early_exit_vs_flops": 0.8}

@@ -6,12 +6,20 @@ Example:
     >>> m.set_depth(2)(torch.randn(1, 3, 64, 64)).shape
     torch.Size([1, 10])
 """
-from ._registry import create_model, is_model, list_models, register_model
-from .models import DepthAdaptiveModel, ExitHead, ExitOutputs, StageLayout, get_layout, wrap
-from .profiler import profile
-from .budget import budget_curve, calibrate
-from .early_exit import EarlyExit, EarlyExitResult, simulate
-from .pretrained import push_to_hub, save_pretrained
+from .models import (
+    DepthAdaptiveModel,
+    ExitHead,
+    ExitOutputs,
+    StageLayout,
+    create_model,
+    get_layout,
+    is_model,
+    list_models,
+    register_model,
+    wrap,
+)
+from .hub import push_to_hub, save_pretrained
+from .inference import EarlyExit, EarlyExitResult, budget_curve, calibrate, profile, simulate
 
 __version__ = "0.1.0"
 

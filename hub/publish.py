@@ -1,7 +1,7 @@
 """Publish a training run's checkpoint and record it in the zoo manifest.
 
 The manifest (``hub/manifest.json``, a link to the package's
-``coopnets/models/manifest.json``) lists the zoo's pretrained tags. A record is made only
+``coopnets/hub/manifest.json``) lists the zoo's pretrained tags. A record is made only
 from a checkpoint folder written by a real ``coopnets train`` run: its measured per-depth
 table and its training record (command, seed, data) are copied from the folder's
 ``config.json``; nothing is typed in by hand. The record pins the exact Hub commit.
@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from coopnets.hub_cli import checkpoint_folder
-from coopnets.models.manifest import MANIFEST_PATH, add_checkpoint, checkpoint_record
-from coopnets.pretrained import CheckpointSource, push_to_hub, read_config
+from coopnets.cli._run_folder import checkpoint_folder
+from coopnets.hub import HubLocation, push_to_hub, read_config
+from coopnets.hub.manifest import MANIFEST_PATH, add_checkpoint, checkpoint_record
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     folder = checkpoint_folder(args.run_dir)
-    config = read_config(CheckpointSource(folder=folder))
+    config = read_config(HubLocation.local(folder))
     if args.revision is None:
         args.revision = push_to_hub(folder, args.repo_id, token=args.token).oid
     record = checkpoint_record(config, config["architecture"], args.tag, f"{args.repo_id}@{args.revision}")

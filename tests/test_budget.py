@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import coopnets
-from coopnets.budget import budget_curve, calibrate, depth_for_latency, format_budget_table, geometric_exit_distribution
+from coopnets.inference.budget import budget_curve, calibrate, depth_for_latency, format_budget_table, geometric_exit_distribution
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import coopnets
-from coopnets.early_exit import EarlyExit, check_thresholds, confidence_score, simulate
+from coopnets.inference.early_exit import EarlyExit, check_thresholds, confidence_score, simulate
 
 FAMILIES = ["test_resnet", "test_vit", "test_convnext", "test_efficientnet"]
 

@@ -4,7 +4,8 @@ import torch
 
 import coopnets
 from coopnets import cli
-from coopnets.export import ExitModel, check_onnx, save
+from coopnets.inference.export import check_onnx, save
+from coopnets.models.plans import ExitModel
 
 FAMILIES = ["test_resnet", "test_vit", "test_convnext", "test_efficientnet"]
 

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import coopnets
-from coopnets.models.depth_adaptive import DepthAdaptiveModel, default_block_depths
-from coopnets.profiler import record_calls
+from coopnets.models.depth_adaptive import DepthAdaptiveModel
+from coopnets.models.plans import default_block_depths
+from coopnets.inference.profiler import record_calls
 
 # (timm name, backbone kwargs, input size): tiny configs that run in milliseconds on CPU
 FAMILIES = {
@@ -267,7 +268,7 @@ def test_profile_counts_what_each_depth_runs():
 
 
 def test_profile_table_formats_rows():
-    from coopnets.profiler import format_table
+    from coopnets.inference.profiler import format_table
 
     rows = [{"depth": 1, "accuracy": 0.5, "params": 1e6, "flops": 2e9, "latency_ms": 3.0, "flops_ratio": 1.0, "latency_ratio": 1.0}]
     table = format_table(rows, extra=("accuracy",))

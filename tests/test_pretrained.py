@@ -16,8 +16,8 @@ from huggingface_hub import HfApi, ModelCard, constants
 
 import coopnets
 from coopnets.cli import main as cli_main
-from coopnets.models import manifest
-from coopnets.pretrained import CheckpointError, checkpoint_config, push_to_hub, save_pretrained
+from coopnets.hub import manifest
+from coopnets.hub import CheckpointError, checkpoint_config, push_to_hub, save_pretrained
 
 from hub_server import hub, hub_server  # noqa: F401  (pytest fixtures)
 
@@ -57,7 +57,10 @@ def test_checkpoint_folder_holds_timm_config_coop_section_and_card(tmp_path):
     assert config["model_args"]["channels"] == [8, 16, 32, 64] and config["model_args"]["exit_indices"] == [1, 2, 3]
     assert "hf_hub_id" not in config["pretrained_cfg"] and config["pretrained_cfg"]["num_classes"] == 10
     coop = config["coopnets"]
-    assert (coop["plan"], coop["num_depths"], coop["exit_indices"], coop["head"]) == ("exits", 4, [1, 2, 3], "conv")
+    args = config["model_args"]
+    assert (args["plan"], coop["num_depths"], args["exit_indices"], args["head"]) == ("exits", 4, [1, 2, 3], "conv")
+    assert coop["format_version"] == 2 and coop["backbone"] == "resnet18"
+    assert not {"plan", "exit_indices", "head", "block_depths", "backbone_kwargs"} & set(coop)  # structure recorded once
     assert coop["per_depth"] == rows() and coop["training"] == TRAINING
 
     weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
@@ -279,3 +282,23 @@ def test_push_cli_and_publish_tool_publish_a_training_run(hub, tmp_path, temp_ma
     assert cli_main(["push", str(run_dir), "--repo-id", "org/new"]) == 2
     err = capsys.readouterr().err
     assert "publishing to org/new" in err and "hf auth login" in err
+
+
+# --- older formats ------------------------------------------------------------------------
+DATA = Path(__file__).with_name("data")
+
+
+@pytest.mark.parametrize("name", ["checkpoint_v1_coop_resnet18", "checkpoint_v1_blocks_coop_resnet18"])
+def test_format_version_1_checkpoints_still_load(name):
+    """Folders written by coopnets 0.1 (structure in model_args and again in the coopnets section) load
+    as saved: same architecture, plan and logits at every depth as when they were written."""
+    folder = DATA / name
+    assert json.loads((folder / "config.json").read_text())["coopnets"]["format_version"] == 1
+    expected = torch.load(DATA / f"{name}.expected.pt", weights_only=True)
+    for loaded in (coopnets.create_model(f"local-dir:{folder}", pretrained=True),
+                   timm.create_model(f"local-dir:{folder}", pretrained=True)):
+        loaded.eval()
+        assert loaded.num_depths == len(expected["logits"])
+        with torch.no_grad():
+            for d, want in enumerate(expected["logits"], 1):
+                assert torch.allclose(loaded.forward_depth(expected["x"], d), want, atol=1e-5)

@@ -18,7 +18,7 @@ EPOCHS = 2
 
 
 def _worker(out: Path) -> None:
-    from coopnets.train.trainer import Trainer, TrainConfig
+    from coopnets.train import TrainConfig, Trainer
 
     torch.set_num_threads(1)
     cfg = TrainConfig(out=str(out / "run"), model="test_resnet", method="cooperative", epochs=EPOCHS, img_size=16,

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 import coopnets
 from coopnets.cli import main as coopnets_main
-from coopnets.train import load_data
+from coopnets.train import TrainConfig, Trainer, load_data, train
+from coopnets.train import build as build_mod
 from coopnets.train import trainer as trainer_mod
-from coopnets.train.trainer import CHECKPOINT, TrainConfig, Trainer, load_checkpoint, train
+from coopnets.train.state import CHECKPOINT, load_checkpoint
 
 TINY = dict(model="test_resnet", img_size=16, limit_train=64, limit_eval=32, batch_size=32,
             progress=False, profile_repeats=1, seed=3)
@@ -86,7 +87,7 @@ def test_cli_end_to_end_writes_metrics_table_plot_and_safetensors(tmp_path, caps
     # the Leader, a plain network trained in the same run, is scored on the test split as the run's own baseline
     leader = timm.create_model("test_resnet", num_classes=10)
     leader.load_state_dict(load_file(str(run / "leader.safetensors")))
-    test_loader = trainer_mod.make_loader(load_data("digits", img_size=16).limited(64, 32).test, 32, 0)
+    test_loader = build_mod.make_loader(load_data("digits", img_size=16).limited(64, 32).test, 32, 0)
     expected = trainer_mod.evaluate(leader, test_loader, torch.device("cpu"))[0]
     assert records[-1]["reference_test_accuracy"] == {"leader": expected}
     assert f"leader {expected:.4f}" in (run / "results.md").read_text()
@@ -135,7 +136,7 @@ def test_recorded_command_reproduces_the_config(tmp_path):
     import argparse
     import shlex
 
-    from coopnets.train.cli import add_arguments, config_from_args
+    from coopnets.cli.train import add_arguments, config_from_args
 
     cfg = TrainConfig(out=str(tmp_path / "r un"), model="coop_resnet18", method="mlcsd", epochs=3, lr=0.1, amp=False,
                       deterministic=True, progress=False, limit_train=64, recipe_opts={"temperature": 3.0, "kd_weight": 2})
@@ -149,7 +150,7 @@ def test_recorded_command_reproduces_the_config(tmp_path):
 
 
 def test_deployable_checkpoint_records_how_it_was_made(tmp_path):
-    from coopnets.models.manifest import checkpoint_record
+    from coopnets.hub.manifest import checkpoint_record
 
     train(TrainConfig(out=str(tmp_path / "run"), method="multi_exit", epochs=1, **TINY), echo=False)
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())

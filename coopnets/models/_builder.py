@@ -3,17 +3,19 @@
 Each ``coop_*`` family file declares ``default_cfgs`` (via timm's
 ``generate_default_cfgs``) and one registered function per model that calls
 :func:`build_coop_model`. Pretrained tags (``coop_resnet18.digits``) come from the
-checkpoint manifest (:mod:`coopnets.models.manifest`): only checkpoints this project
+checkpoint manifest (:mod:`coopnets.hub.manifest`): only checkpoints this project
 trained and measured are listed.
 """
 from __future__ import annotations
 
 from typing import Any, Dict
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs
 
+from ..hub.load import load_pretrained
+from ..hub.manifest import pretrained_cfgs_for
 from .depth_adaptive import DepthAdaptiveModel
-from .manifest import pretrained_cfgs_for
 
 
 def coop_cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -25,8 +27,8 @@ def coop_cfg(**kwargs: Any) -> Dict[str, Any]:
         "pool_size": (7, 7),
         "crop_pct": 0.875,
         "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
         "license": "apache-2.0",
         **kwargs,
     }
@@ -36,7 +38,7 @@ def zoo_cfgs(*names: str) -> Dict[str, Any]:
     """timm ``default_cfgs`` for a family file: an untagged cfg per name plus every manifest checkpoint."""
     cfgs: Dict[str, Dict[str, Any]] = {name: coop_cfg() for name in names}
     for name in names:
-        cfgs.update(pretrained_cfgs_for(name))
+        cfgs.update({tagged: coop_cfg(**fields) for tagged, fields in pretrained_cfgs_for(name).items()})
     return generate_default_cfgs(cfgs)
 
 
@@ -49,10 +51,6 @@ def build_coop_model(variant: str, backbone: str, pretrained: bool = False, **kw
     """
     if kwargs.pop("features_only", False):
         raise ValueError(f"{variant} does not support features_only; use timm.create_model({backbone!r}, features_only=True).")
-    cache_dir = kwargs.get("cache_dir")
+    cache_dir = kwargs.pop("cache_dir", None)
     model = build_model_with_cfg(DepthAdaptiveModel, variant, pretrained=False, backbone=backbone, **kwargs)
-    if pretrained:
-        from ..pretrained import load_pretrained
-
-        load_pretrained(model, cache_dir=cache_dir)
-    return model
+    return load_pretrained(model, cache_dir=cache_dir) if pretrained else model

@@ -3,7 +3,7 @@
 Depth k runs the stem, the first k stages and exit k; the deepest depth is the plain timm
 model with its own head. Pass ``plan="blocks"`` for EKD-style block skipping instead.
 """
-from .._registry import register_model
+from ._registry import register_model
 from ._builder import build_coop_model, zoo_cfgs
 from .depth_adaptive import DepthAdaptiveModel
 

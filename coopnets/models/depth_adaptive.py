@@ -1,21 +1,10 @@
 """The depth-adaptive model: a timm backbone whose depth is chosen at run time.
 
-Two depth plans turn one backbone into ``num_depths`` nested sub-networks that share
-weights:
-
-``plan="exits"`` (default)
-    An :class:`ExitHead` after chosen stages (default: every ``feature_info`` stage
-    past the stem; evenly spaced blocks for ViT-like models). Depth ``k`` runs the
-    stem, stages ``1..k`` (through timm's ``forward_intermediates(...,
-    stop_early=True)``, so later stages are never executed) and exit head ``k``. The
-    last depth is the plain backbone with its own head: at full depth the logits are
-    exactly those of the timm model.
-
-``plan="blocks"``
-    Every depth runs all stages but only the first ``n`` blocks of each stage and the
-    shared final head: the depth-level sub-networks of EKD (e.g. ResNet-50
-    ``[3,4,6,3] -> [2,2,2,2] -> [1,1,1,1]``). Needs a block-level layout
-    (:mod:`coopnets.models.layouts`).
+A depth plan (:mod:`coopnets.models.plans`) turns one backbone into ``num_depths``
+nested sub-networks that share weights: ``plan="exits"`` (default: an exit head after
+each stage, the last depth is exactly the plain timm model) or ``plan="blocks"``
+(EKD-style: every depth runs all stages with fewer blocks each). The model holds the
+backbone, the exit heads and the current depth; everything plan-specific is the plan's.
 
 The depth is runtime state, not weights: a state dict saved at any depth loads at any
 other.
@@ -34,37 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import math
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import timm
 import torch
 from torch import nn
 
-from .exit_head import ExitHead, head_kind_for
-from .layouts import StageLayout, get_layout
-
-PLANS = ("exits", "blocks")
-DEFAULT_VIT_EXITS = 4
-DEFAULT_BLOCK_DEPTHS = 3
-
-
-@dataclass
-class ExitOutputs:
-    """Everything one shared pass produces for every depth (used by training recipes).
-
-    Attributes:
-        logits: class logits per depth, shallowest first.
-        embeddings: pooled pre-logit embedding per depth.
-        feature_maps: per depth, the NCHW maps that depth computed at its stage
-            boundaries (``exits`` plan: the map its exit reads; ``blocks`` plan: every
-            stage's output), for feature-level distillation.
-    """
-
-    logits: List[torch.Tensor]
-    embeddings: List[torch.Tensor] = field(default_factory=list)
-    feature_maps: List[List[torch.Tensor]] = field(default_factory=list)
+from .layouts import StageLayout
+from .plans import DEFAULT_BLOCK_DEPTHS, BlocksPlan, DepthPlan, ExitOutputs, create_plan
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
@@ -76,47 +42,13 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def default_exit_indices(feature_info: Sequence[Dict[str, Any]], num_exits: Optional[int] = None) -> List[int]:
-    """``feature_info`` indices that get an exit head (the final head not included).
-
-    Every stage past the stem (reduction >= 4) gets one; when all entries share one
-    reduction (ViT-like: one entry per block), ``num_exits`` (default 4) evenly spaced
-    blocks are used instead.
-    """
-    n = len(feature_info)
-    reductions = {f["reduction"] for f in feature_info}
-    if len(reductions) == 1 or num_exits is not None:
-        k = num_exits or DEFAULT_VIT_EXITS
-        if not 1 <= k <= n:
-            raise ValueError(f"num_exits must be in 1..{n} for this backbone, got {k}.")
-        points = sorted({math.ceil(n * (i + 1) / k) - 1 for i in range(k)})
-    else:
-        points = [i for i, f in enumerate(feature_info) if f["reduction"] >= 4]
-    return [p for p in points if p != n - 1]
-
-
-def default_block_depths(blocks_per_stage: Sequence[int], num_depths: int = DEFAULT_BLOCK_DEPTHS) -> List[List[int]]:
-    """EKD-style nested block counts: depth ``d < D`` keeps ``min(n_s, d)`` blocks of each stage.
-
-    ResNet-50 ``[3,4,6,3]`` with ``D=3`` gives ``[1,1,1,1], [2,2,2,2], [3,4,6,3]``;
-    duplicates (stages shorter than ``d``) collapse.
-    """
-    depths: List[List[int]] = []
-    for d in range(1, num_depths):
-        counts = [min(n, d) for n in blocks_per_stage]
-        if counts not in depths and counts != list(blocks_per_stage):
-            depths.append(counts)
-    depths.append(list(blocks_per_stage))
-    return depths
-
-
 class DepthAdaptiveModel(nn.Module):
     """A timm backbone that runs at one of ``num_depths`` depths chosen at run time.
 
     Args:
         backbone: a timm model instance or a timm model name.
         num_classes: classes of every exit (default: the backbone's).
-        plan: ``"exits"`` or ``"blocks"`` (see module docstring).
+        plan: ``"exits"`` or ``"blocks"`` (see :mod:`coopnets.models.plans`).
         exit_indices: ``feature_info`` indices that get an exit head before the final
             one (``exits`` plan). Default: every stage past the stem, or ``num_exits``
             evenly spaced blocks for ViT-like backbones.
@@ -156,8 +88,6 @@ class DepthAdaptiveModel(nn.Module):
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
-        if plan not in PLANS:
-            raise ValueError(f"Unknown depth plan {plan!r}; valid plans: {', '.join(PLANS)}.")
         self.backbone_kwargs = {k: v for k, v in backbone_kwargs.items() if k != "num_classes"}
         if isinstance(backbone, str):
             if num_classes is not None:
@@ -172,43 +102,19 @@ class DepthAdaptiveModel(nn.Module):
                 f"(e.g. resnet*, convnext*, efficientnet*, vit_*, swin_*, regnet*)."
             )
         self.backbone = backbone
-        self.plan = plan
         self.num_classes = backbone.num_classes
         self.num_features = backbone.num_features
         self.in_chans = self._in_chans(backbone)
         self.backbone_name = backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
         self.pretrained_cfg = dict(backbone.pretrained_cfg)
         self.default_cfg = self.pretrained_cfg
-        info = [dict(f) for f in backbone.feature_info]
-        self.feature_info = info
-        self.head_kind = head_kind_for(backbone) if head == "auto" else head
-        self.head_width = head_width
-        self.exits = nn.ModuleList()
-        self.exit_indices: List[int] = []
-        self.block_depths: List[List[int]] = []
-        self._layout: Optional[StageLayout] = None
-
-        if plan == "exits":
-            points = list(exit_indices) if exit_indices is not None else default_exit_indices(info, num_exits)
-            self._check_exit_indices(points, len(info))
-            self.exit_indices = points
-            final_red = info[-1]["reduction"]
-            for i in points:
-                self.exits.append(
-                    ExitHead(
-                        info[i]["num_chs"], self.num_classes, kind=self.head_kind,
-                        reduction=info[i]["reduction"], final_reduction=final_red,
-                        width=head_width or self.num_features,
-                    )
-                )
-            self.num_depths = len(points) + 1
-        else:
-            layout = self.layout
-            full = [len(s) for s in layout.stages]
-            depths = [list(d) for d in block_depths] if block_depths is not None else default_block_depths(full, num_block_depths)
-            self._check_block_depths(depths, full)
-            self.block_depths = depths
-            self.num_depths = len(depths)
+        self.feature_info = [dict(f) for f in backbone.feature_info]
+        self.depth_plan: DepthPlan = create_plan(
+            plan, backbone, exit_indices=exit_indices, num_exits=num_exits, head=head, head_width=head_width,
+            block_depths=block_depths, num_block_depths=num_block_depths,
+        )
+        self.exits = self.depth_plan.build_exits(self)
+        self.num_depths = self.depth_plan.num_depths
         self._depth = self.num_depths
 
     # --- configuration ----------------------------------------------------------
@@ -220,44 +126,50 @@ class DepthAdaptiveModel(nn.Module):
                 return m.in_channels
         return cfg_chans
 
-    @staticmethod
-    def _check_exit_indices(points: Sequence[int], n: int) -> None:
-        if any(not isinstance(p, int) or not 0 <= p < n - 1 for p in points) or list(points) != sorted(set(points)):
-            raise ValueError(
-                f"exit_indices must be increasing feature_info indices in 0..{n - 2} "
-                f"(index {n - 1} is the backbone's own final head), got {list(points)}."
-            )
+    @property
+    def plan(self) -> str:
+        """Name of the depth plan (``"exits"`` or ``"blocks"``); the plan itself is :attr:`depth_plan`."""
+        return self.depth_plan.name
 
-    @staticmethod
-    def _check_block_depths(depths: Sequence[Sequence[int]], full: Sequence[int]) -> None:
-        problem = None
-        if not depths or list(depths[-1]) != list(full):
-            problem = f"the last entry must be the full backbone {list(full)}"
-        for d in depths:
-            if len(d) != len(full) or any(not 1 <= n <= m for n, m in zip(d, full)):
-                problem = f"every entry needs {len(full)} counts with 1 <= count <= {list(full)}"
-        if problem:
-            raise ValueError(f"Invalid block_depths {list(map(list, depths))}: {problem}.")
+    @property
+    def exit_indices(self) -> List[int]:
+        """``feature_info`` indices with an exit head (``exits`` plan; empty otherwise)."""
+        return list(getattr(self.depth_plan, "exit_indices", []))
+
+    @property
+    def head_kind(self) -> Optional[str]:
+        """Kind of the exit heads (``exits`` plan; ``None`` otherwise)."""
+        return getattr(self.depth_plan, "head_kind", None)
+
+    @property
+    def head_width(self) -> Optional[int]:
+        return getattr(self.depth_plan, "head_width", None)
+
+    @property
+    def block_depths(self) -> List[List[int]]:
+        """Block counts per stage of every depth (``blocks`` plan; empty otherwise)."""
+        return [list(d) for d in getattr(self.depth_plan, "block_depths", [])]
 
     @property
     def layout(self) -> StageLayout:
-        """Block-level layout of the backbone (built on first use)."""
-        if self._layout is None:
+        """Block-level layout of the backbone (raises a clear error for families without one)."""
+        if isinstance(self.depth_plan, BlocksPlan):
+            return self.depth_plan.layout
+        if getattr(self, "_layout", None) is None:
+            from .layouts import get_layout
+
             self._layout = get_layout(self.backbone, purpose=f"plan={self.plan!r}")
         return self._layout
 
-    def coop_config(self) -> Dict[str, Any]:
-        """The depth configuration, as stored in ``config.json``'s ``coopnets`` section."""
-        return {
-            "backbone": self.backbone_name,
-            "plan": self.plan,
-            "num_depths": self.num_depths,
-            "exit_indices": list(self.exit_indices),
-            "head": self.head_kind,
-            "head_width": self.head_width,
-            "block_depths": [list(d) for d in self.block_depths],
-            "backbone_kwargs": dict(self.backbone_kwargs),
-        }
+    def model_args(self) -> Dict[str, Any]:
+        """Constructor arguments that rebuild this model's exact structure (timm's ``model_args``).
+
+        Example:
+            >>> import coopnets
+            >>> coopnets.wrap("resnet18", num_classes=10).model_args()
+            {'num_classes': 10, 'plan': 'exits', 'exit_indices': [1, 2, 3], 'head': 'conv'}
+        """
+        return {"num_classes": self.num_classes, "plan": self.plan, **self.depth_plan.config(), **self.backbone_kwargs}
 
     # --- depth --------------------------------------------------------------------
     @property
@@ -267,12 +179,16 @@ class DepthAdaptiveModel(nn.Module):
 
     def set_depth(self, depth: int) -> "DepthAdaptiveModel":
         """Run the next forward passes at ``depth`` (1..num_depths, or -1 for full). Returns ``self``."""
-        self._depth = self._resolve_depth(depth)
+        self._depth = self.resolve_depth(depth)
         return self
 
-    def _resolve_depth(self, depth: int) -> int:
+    def resolve_depth(self, depth: int) -> int:
+        """``depth`` checked against ``1..num_depths`` (``-1``: full depth); a clear ``ValueError`` otherwise."""
         if isinstance(depth, bool) or not isinstance(depth, int) or not (1 <= depth <= self.num_depths or depth == -1):
-            raise ValueError(f"depth must be an int in 1..{self.num_depths} (or -1 for full depth), got {depth!r}.")
+            raise ValueError(
+                f"depth must be one of the depths 1..{self.num_depths} of this {self.backbone_name} model "
+                f"(or -1 for full depth), got {depth!r}."
+            )
         return self.num_depths if depth == -1 else depth
 
     @contextlib.contextmanager
@@ -286,7 +202,8 @@ class DepthAdaptiveModel(nn.Module):
             self._depth = previous
 
     # --- forward ------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ``ValueError`` naming the expected shape unless ``x`` is an (N, in_chans, H, W) tensor."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
@@ -296,25 +213,12 @@ class DepthAdaptiveModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the sub-network at the current depth; nothing deeper is executed."""
-        self._check_input(x)
-        return self.forward_depth(x, self._depth)
+        self.check_input(x)
+        return self.depth_plan.forward_depth(self, x, self._depth)
 
     def forward_depth(self, x: torch.Tensor, depth: int) -> torch.Tensor:
         """Logits of the sub-network at ``depth`` without changing the model's depth."""
-        depth = self._resolve_depth(depth)
-        if self.plan == "blocks":
-            return self.backbone.forward_head(self._blocks_features(x, depth)[0])
-        if depth == self.num_depths:
-            return self.backbone(x)
-        feats = self.backbone.forward_intermediates(
-            x, indices=[self.exit_indices[depth - 1]], stop_early=True, intermediates_only=True
-        )
-        return self.exits[depth - 1](feats[-1])
-
-    def _blocks_features(self, x: torch.Tensor, depth: int):
-        layout = self.layout
-        stage_outs = layout.run_blocks(layout.stem(x), self.block_depths[depth - 1])
-        return layout.finish(stage_outs[-1]), stage_outs
+        return self.depth_plan.forward_depth(self, x, self.resolve_depth(depth))
 
     def forward_exits(self, x: torch.Tensor, with_features: bool = False) -> Union[List[torch.Tensor], ExitOutputs]:
         """Logits of every depth, shallowest first, from one shared backbone pass.
@@ -322,32 +226,8 @@ class DepthAdaptiveModel(nn.Module):
         With ``with_features=True`` returns :class:`ExitOutputs` with pooled embeddings
         and stage feature maps as well (for distillation recipes).
         """
-        self._check_input(x)
-        if self.plan == "blocks":
-            out = ExitOutputs(logits=[])
-            hw = tuple(x.shape[-2:])
-            for depth in range(1, self.num_depths + 1):
-                final, stage_outs = self._blocks_features(x, depth)
-                out.logits.append(self.backbone.forward_head(final))
-                if with_features:
-                    out.embeddings.append(self.backbone.forward_head(final, pre_logits=True))
-                    out.feature_maps.append([self.layout.to_nchw(s, hw) for s in stage_outs])
-            return out if with_features else out.logits
-        indices = self.exit_indices + [len(self.feature_info) - 1] if with_features else self.exit_indices
-        final, maps = self.backbone.forward_intermediates(x, indices=indices, stop_early=False)
-        out = ExitOutputs(logits=[])
-        for head, fmap in zip(self.exits, maps):
-            if with_features:
-                logits, emb = head.forward_both(fmap)
-                out.embeddings.append(emb)
-                out.feature_maps.append([fmap])
-            else:
-                logits = head(fmap)
-            out.logits.append(logits)
-        out.logits.append(self.backbone.forward_head(final))
-        if with_features:
-            out.embeddings.append(self.backbone.forward_head(final, pre_logits=True))
-            out.feature_maps.append([maps[-1]])
+        self.check_input(x)
+        out = self.depth_plan.forward_exits(self, x, with_features)
         return out if with_features else out.logits
 
     # --- introspection ------------------------------------------------------------
@@ -364,19 +244,16 @@ class DepthAdaptiveModel(nn.Module):
     def extra_repr(self) -> str:
         return f"plan={self.plan}, num_depths={self.num_depths}, depth={self._depth}"
 
-    # --- cost-adaptive inference (thin wrappers over coopnets.export / coopnets.budget) ---
     def export(self, depth: int) -> nn.Module:
-        """A standalone ``nn.Module`` with only what ``depth`` runs (see :func:`coopnets.export.export_depth`)."""
-        from ..export import export_depth
-
-        return export_depth(self, depth)
+        """A standalone ``nn.Module`` with only what ``depth`` runs (see :func:`coopnets.inference.export.export_depth`)."""
+        return self.depth_plan.export(self, self.resolve_depth(depth))
 
     def set_depth_for_budget(
         self, latency_ms: float, batch_size: int = 1, input_size: Optional[Sequence[int]] = None, repeats: int = 10
     ) -> "DepthAdaptiveModel":
         """Set the deepest depth whose measured median latency fits ``latency_ms`` (see
-        :func:`coopnets.budget.depth_for_latency`); raises ``ValueError`` if none fits. Returns ``self``."""
-        from ..budget import depth_for_latency
+        :func:`coopnets.inference.budget.depth_for_latency`); raises ``ValueError`` if none fits. Returns ``self``."""
+        from ..inference.budget import depth_for_latency  # thin convenience: inference never imports this module
 
         depth, _ = depth_for_latency(self, latency_ms, batch_size, input_size, repeats=repeats)
         return self.set_depth(depth)

@@ -278,7 +278,3 @@ def get_layout(backbone: nn.Module, purpose: str = "this feature") -> StageLayou
         f"coopnets/models/layouts.py."
     )
 
-
-def has_layout(backbone: nn.Module) -> bool:
-    return any(cls.__name__ in _LAYOUTS for cls in type(backbone).__mro__)
-

@@ -1,6 +1,6 @@
 """``python -m coopnets.train ...`` (also the entry point for ``torchrun ... -m coopnets.train``)."""
 import sys
 
-from .cli import main
+from ..cli.train import main
 
 sys.exit(main())

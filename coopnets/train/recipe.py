@@ -94,7 +94,7 @@ class Recipe(nn.Module):
         """Whether ``options`` ask for one separate run per depth instead of one run.
 
         The trainer then trains every depth in a run of its own, passing ``depth=d``
-        (:func:`coopnets.train.trainer.train_each_depth`). Default: never.
+        (:func:`coopnets.train.sweep.train_each_depth`). Default: never.
         """
         return False
 

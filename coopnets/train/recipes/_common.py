@@ -25,16 +25,8 @@ from ...models.depth_adaptive import DepthAdaptiveModel
 
 
 def embedding_dims(model: DepthAdaptiveModel) -> List[int]:
-    """Width of ``forward_exits(x, with_features=True).embeddings[k]`` for every depth ``k``.
-
-    Exit heads report their own width; the full depth's embedding is the backbone's
-    pre-logits (``head_hidden_size`` in timm, which differs from ``num_features`` for
-    models with a conv head such as MobileNetV3).
-    """
-    final = int(getattr(model.backbone, "head_hidden_size", None) or model.num_features)
-    if model.plan == "blocks":
-        return [final] * model.num_depths
-    return [int(head.num_features) for head in model.exits] + [final]
+    """Width of ``forward_exits(x, with_features=True).embeddings[k]`` for every depth ``k`` (the plan's answer)."""
+    return model.depth_plan.embedding_dims(model)
 
 
 class EmbeddingAdapters(nn.Module):

@@ -22,7 +22,7 @@ Which features are compared:
     Every depth runs every stage, so each sub-net's stage output ``s`` has the same
     resolution as the full net's stage output ``s``; the AT term sums over all stages.
 
-``plan="exits"`` (documented choice)
+``plan="exits"`` (documented choice; the pairs come from :meth:`coopnets.models.plans.ExitsPlan.feature_pairs`)
     A sub-net ends at an earlier stage, and its stages are literally the full net's
     stages (shared trunk), so no distinct same-resolution teacher map exists. Each exit's
     input map is compared with the full net's last stage map instead, after area-pooling
@@ -47,12 +47,11 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
-from ...models.depth_adaptive import DepthAdaptiveModel, ExitOutputs
+from ...models.depth_adaptive import DepthAdaptiveModel
 from ..losses import attention_loss, ce, kd
 from ..recipe import ModelFactory, Recipe, RecipeConfig, RecipeOutput, register_recipe
 
@@ -69,19 +68,6 @@ class EKDConfig(RecipeConfig):
     temperature: float = 4.0
     #: weight of each sub-net's attention loss (summed over compared feature maps).
     attention_weight: float = 1000.0
-
-
-def attention_pairs(out: ExitOutputs, depth: int, plan: str) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """(sub-net map, full-net map) pairs at equal resolution for ``depth`` (0-based).
-
-    ``blocks`` plan: stage by stage. ``exits`` plan: the exit's input map, area-pooled
-    to the resolution of the full net's last map, against that last map.
-    """
-    student, teacher = out.feature_maps[depth], out.feature_maps[-1]
-    if plan == "blocks":
-        return list(zip(student, teacher))
-    target = teacher[-1]
-    return [(F.adaptive_avg_pool2d(student[-1], target.shape[-2:]), target)]
 
 
 @register_recipe
@@ -107,7 +93,7 @@ class EKD(Recipe):
             if d == len(out.logits) - 1:
                 break
             terms[f"kd_{d + 1}"] = kd(logits, teacher, cfg.temperature)
-            terms[f"at_{d + 1}"] = sum(attention_loss(s, t) for s, t in attention_pairs(out, d, self.net.plan))
+            terms[f"at_{d + 1}"] = sum(attention_loss(s, t) for s, t in self.net.depth_plan.feature_pairs(out, d))
             loss = loss + cfg.kd_weight * terms[f"kd_{d + 1}"] + cfg.attention_weight * terms[f"at_{d + 1}"]
         return RecipeOutput(loss, out.logits, {k: float(v.detach()) for k, v in terms.items()})
 

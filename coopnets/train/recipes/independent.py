@@ -9,12 +9,12 @@ depth ``d`` uses and its exit head (``exits`` plan), or the first blocks of ever
 The *baseline* is one such run per depth (``num_depths`` separately trained nets, the
 cost a single cooperative training claims to save): ``coopnets train --method
 independent`` without ``--recipe-opt depth=D`` runs them all
-(:func:`coopnets.train.trainer.train_each_depth`).
+(:func:`coopnets.train.sweep.train_each_depth`).
 
 Validation: :meth:`Independent.eval_models` returns the net, so a trainer validates it at
 every depth like any recipe, but only the entry of the trained depth is meaningful (the
 other depths use untrained stages or heads). Read ``recipe.trained_depth`` (1-based) or
-let :func:`~coopnets.train.trainer.train_each_depth` assemble the per-depth table;
+let :func:`~coopnets.train.sweep.train_each_depth` assemble the per-depth table;
 :meth:`Independent.deployable` names the net.
 
 Example:
@@ -57,7 +57,7 @@ class Independent(Recipe):
         super().__init__(model_fn, config)
         self.net = model_fn()
         #: the trained depth, 1-based (``config.depth`` with -1 resolved).
-        self.trained_depth = self.net._resolve_depth(self.config.depth)
+        self.trained_depth = self.net.resolve_depth(self.config.depth)
 
     @classmethod
     def runs_per_depth(cls, options: Mapping[str, Any]) -> bool:

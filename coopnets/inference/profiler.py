@@ -19,13 +19,15 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.depth_adaptive import DepthAdaptiveModel
+if TYPE_CHECKING:
+    from ..models.depth_adaptive import DepthAdaptiveModel
+
 
 
 @contextmanager

@@ -1,16 +1,18 @@
 """The model card (``README.md``) of a coopnets checkpoint, built from its ``config.json``.
 
 The card is rendered with huggingface_hub's :class:`~huggingface_hub.ModelCard` from the
-template ``coopnets/templates/model_card.md`` (``hub/model_card_template.md`` points
+template ``coopnets/hub/templates/model_card.md`` (``hub/model_card_template.md`` points
 there). Its metadata holds a ``model-index`` with one top-1 accuracy entry per depth
 (the depth is in the metric name), so the Hub shows the accuracy of every depth.
 
 Example:
     >>> import coopnets
-    >>> from coopnets.pretrained import checkpoint_config
+    >>> from coopnets.hub import HubLocation
+    >>> from coopnets.hub.format import checkpoint_config
     >>> m = coopnets.create_model("coop_resnet18", num_classes=10)
     >>> rows = [{"depth": d, "accuracy": 0.5 + d / 10} for d in range(1, 5)]
-    >>> card = model_card(checkpoint_config(m, per_depth=rows, training={"dataset": "digits"}), "hf-hub:org/r18")
+    >>> cfg = checkpoint_config(m, per_depth=rows, training={"dataset": "digits"})
+    >>> card = model_card(cfg, HubLocation.parse("hf-hub:org/r18"))
     >>> [m["name"] for m in card.data.to_dict()["model-index"][0]["results"][0]["metrics"]][:2]
     ['Top-1 accuracy at depth 1 of 4', 'Top-1 accuracy at depth 2 of 4']
 """
@@ -21,7 +23,9 @@ from typing import Any, Dict, List, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ._registry import is_model
+from ..models._registry import is_model
+from ..models.plans import describe_plan
+from .location import HubLocation
 
 TEMPLATE_PATH = Path(__file__).with_name("templates") / "model_card.md"
 
@@ -62,25 +66,19 @@ def _training_rows(training: Dict[str, Any]) -> Dict[str, str]:
             if v is not None and not isinstance(v, (dict, list, tuple))}
 
 
-def _plan_text(coop: Dict[str, Any]) -> str:
-    if coop["plan"] == "blocks":
-        return "every depth runs all stages with the first n blocks of each: " + ", ".join(map(str, coop["block_depths"]))
-    return f"an exit head (`{coop['head']}`) after feature stages {coop['exit_indices']}, the backbone's own head last"
-
-
-def model_card(config: Dict[str, Any], model_id: str) -> ModelCard:
-    """The model card of a checkpoint with ``config`` (a ``config.json`` dict) loaded as ``model_id``.
+def model_card(config: Dict[str, Any], location: HubLocation) -> ModelCard:
+    """The model card of a checkpoint with ``config`` (a ``config.json`` dict) loaded from ``location``.
 
     Args:
-        config: the checkpoint's configuration (:func:`coopnets.pretrained.checkpoint_config`).
-        model_id: the name to load it by, shown in the usage snippet
-            (``hf-hub:ORG/NAME`` or ``local-dir:PATH``).
+        config: the checkpoint's configuration (:func:`coopnets.hub.format.checkpoint_config`).
+        location: where it is loaded from, shown in the usage snippet.
     """
     coop = config["coopnets"]
     training = dict(coop.get("training") or {})
     per_depth = list(coop.get("per_depth") or [])
     cfg = config["pretrained_cfg"]
-    name = model_id.split(":", 1)[-1].rstrip("/").split("/")[-1]
+    name = location.name
+    model_args = config["model_args"]
     dataset = training.get("dataset")
     eval_results = [
         EvalResult(
@@ -108,12 +106,12 @@ def model_card(config: Dict[str, Any], model_id: str) -> ModelCard:
         data,
         template_path=str(TEMPLATE_PATH),
         title=name,
-        model_id=model_id,
+        model_id=str(location),
         architecture=config["architecture"],
         timm_loadable=is_model(config["architecture"]),
         backbone=coop["backbone"],
-        plan=coop["plan"],
-        plan_text=_plan_text(coop),
+        plan=model_args["plan"],
+        plan_text=describe_plan(model_args),
         num_depths=coop["num_depths"],
         example_depth=max(1, coop["num_depths"] - 1),
         num_classes=config["num_classes"],

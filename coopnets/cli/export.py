@@ -2,8 +2,8 @@
 
 ``RUN_OR_MODEL`` is a zoo model name (``coop_resnet50``, untrained weights) or a folder
 written by ``coopnets.save_pretrained`` (``model.safetensors`` + ``config.json``), or a
-training run folder holding one in ``model/``; its trained weights are loaded. ONNX files are checked against PyTorch with onnxruntime when it
-is installed.
+training run folder holding one in ``model/``; its trained weights are loaded. ONNX files
+are checked against PyTorch with onnxruntime when it is installed.
 
 Example:
     coopnets export coop_resnet18 --num-classes 10 --depth 2 --format onnx --out r18_d2.onnx
@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
-from pathlib import Path
 
-from ._registry import create_model
-from .export import FORMATS, check_onnx, example_input, save
+from ..inference.export import FORMATS, check_onnx, example_input, save
+from ..models import create_model
+from ._run_folder import checkpoint_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if os.path.isdir(args.model):
-        folder = Path(args.model)
-        folder = folder / "model" if not (folder / "config.json").exists() and (folder / "model" / "config.json").exists() else folder
+        folder = checkpoint_folder(args.model)
         model = create_model(f"local-dir:{folder}", pretrained=True).eval()
     else:
         model = create_model(args.model, **({} if args.num_classes is None else {"num_classes": args.num_classes})).eval()

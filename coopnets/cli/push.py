@@ -14,18 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .pretrained import CONFIG_NAME, CheckpointError, push_to_hub
-
-
-def checkpoint_folder(run_dir: Path) -> Path:
-    """The checkpoint folder of a run: ``RUN_DIR/model``, or ``RUN_DIR`` itself if it is one."""
-    for folder in (run_dir / "model", run_dir):
-        if (folder / CONFIG_NAME).is_file():
-            return folder
-    raise CheckpointError(
-        f"no checkpoint in {run_dir}: expected {run_dir / 'model' / CONFIG_NAME}, written by "
-        f"`coopnets train ... --out {run_dir}` (or by coopnets.save_pretrained(model, {run_dir / 'model'}))."
-    )
+from ..hub import CheckpointError, push_to_hub
+from ._run_folder import checkpoint_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

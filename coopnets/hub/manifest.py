@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 MANIFEST_PATH = Path(__file__).with_name("manifest.json")
+#: what to do when a zoo entry has no published checkpoint
+BUILDER_HINT = (
+    "Train one with `coopnets train ... --out RUN_DIR`, publish it with "
+    "`coopnets push RUN_DIR --repo-id ORG/NAME` (zoo entries: `python hub/publish.py RUN_DIR --repo-id ORG/NAME --tag TAG`), "
+    "then load it with coopnets.create_model('hf-hub:ORG/NAME', pretrained=True)."
+)
 
 
 @lru_cache(maxsize=1)
@@ -23,23 +29,29 @@ def load_manifest() -> List[Dict[str, Any]]:
     return list(json.loads(MANIFEST_PATH.read_text())["checkpoints"])
 
 
-def pretrained_cfgs_for(model_name: str) -> Dict[str, Dict[str, Any]]:
-    """timm pretrained cfgs (``{"name.tag": cfg}``) for the manifest's checkpoints of ``model_name``."""
-    from ._builder import coop_cfg
+def _preprocessing(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The preprocessing fields of a pretrained cfg or manifest record (lists for sizes and statistics)."""
+    return {
+        "input_size": list(cfg["input_size"]),
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "crop_pct": cfg.get("crop_pct", 1.0),
+        "interpolation": cfg.get("interpolation", "bilinear"),
+    }
 
+
+def pretrained_cfgs_for(model_name: str) -> Dict[str, Dict[str, Any]]:
+    """Pretrained-cfg fields (``{"name.tag": {...}}``) of the manifest's checkpoints of ``model_name``.
+
+    The zoo builder (:func:`coopnets.models._builder.zoo_cfgs`) merges them into the
+    entry's default cfg; every record carries its own preprocessing.
+    """
     cfgs = {}
     for rec in load_manifest():
         if rec["model"] != model_name:
             continue
-        cfgs[f"{model_name}.{rec['tag']}"] = coop_cfg(
-            hf_hub_id=rec["hf_hub_id"],
-            num_classes=rec["num_classes"],
-            input_size=tuple(rec["input_size"]),
-            mean=tuple(rec.get("mean", (0.485, 0.456, 0.406))),
-            std=tuple(rec.get("std", (0.229, 0.224, 0.225))),
-            crop_pct=rec.get("crop_pct", 1.0),
-            interpolation=rec.get("interpolation", "bilinear"),
-        )
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in _preprocessing(rec).items()}
+        cfgs[f"{model_name}.{rec['tag']}"] = {"hf_hub_id": rec["hf_hub_id"], "num_classes": rec["num_classes"], **fields}
     return cfgs
 
 
@@ -55,7 +67,7 @@ def checkpoint_record(config: Dict[str, Any], model: str, tag: str, hf_hub_id: s
 
     Example:
         >>> import coopnets
-        >>> from coopnets.pretrained import checkpoint_config
+        >>> from coopnets.hub.format import checkpoint_config
         >>> cfg = checkpoint_config(coopnets.create_model("coop_resnet18", num_classes=10),
         ...     per_depth=[{"depth": d, "accuracy": 0.8} for d in range(1, 5)],
         ...     training={"command": "coopnets train ...", "seed": 0, "dataset": "digits"})
@@ -81,11 +93,7 @@ def checkpoint_record(config: Dict[str, Any], model: str, tag: str, hf_hub_id: s
         "tag": tag,
         "hf_hub_id": hf_hub_id,
         "num_classes": config["num_classes"],
-        "input_size": list(cfg["input_size"]),
-        "mean": list(cfg["mean"]),
-        "std": list(cfg["std"]),
-        "crop_pct": cfg.get("crop_pct", 1.0),
-        "interpolation": cfg.get("interpolation", "bilinear"),
+        **_preprocessing(cfg),
         "training": dict(training),
         "per_depth": list(per_depth),
     }

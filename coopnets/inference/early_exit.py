@@ -47,17 +47,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.depth_adaptive import DepthAdaptiveModel
-from .models.layouts import Position
+from ..models.layouts import Position
+from ..models.plans import ExitsPlan
 
 CRITERIA = ("confidence", "entropy", "patience")
 Threshold = Union[float, int, Sequence[Union[float, int]]]
 State = Tuple[torch.Tensor, torch.Tensor]  # (previous prediction, run length), for patience
+
+if TYPE_CHECKING:
+    from ..models.depth_adaptive import DepthAdaptiveModel
 
 
 def check_thresholds(criterion: str, threshold: Threshold, num_exits: int) -> List[float]:
@@ -224,7 +227,7 @@ class EarlyExit:
     """
 
     def __init__(self, model: DepthAdaptiveModel, criterion: str = "confidence", threshold: Threshold = 0.9) -> None:
-        if model.plan != "exits":
+        if not isinstance(model.depth_plan, ExitsPlan):
             raise ValueError(
                 f"Early exit needs plan='exits' (an exit head after each stage); this model uses "
                 f"plan={model.plan!r}, whose depths all run every stage, so leaving early saves nothing."
@@ -290,7 +293,7 @@ class EarlyExit:
     def __call__(self, x: torch.Tensor) -> EarlyExitResult:
         """Run the batch ``x`` with per-sample early exit and compaction."""
         model, layout = self.model, self.layout
-        model._check_input(x)
+        model.check_input(x)
         n, hw = x.shape[0], tuple(x.shape[-2:])
         costs = self.depth_flops(x.shape[1:])
         out: Optional[torch.Tensor] = None

@@ -1,4 +1,4 @@
-"""``coopnets train`` / ``python -m coopnets.train``: flags onto :class:`~.trainer.TrainConfig`.
+"""``coopnets train`` / ``python -m coopnets.train``: flags onto :class:`~coopnets.train.TrainConfig`.
 
 Example:
     coopnets train --model coop_resnet18 --dataset digits --method cooperative --epochs 8 --out runs/r18
@@ -12,9 +12,11 @@ import ast
 import dataclasses
 from typing import Any, Dict, List, Optional, Sequence
 
-from .data import DATASETS
-from .recipe import RECIPES
-from .trainer import TrainConfig, train
+from ..models import PLANS
+from ..train.config import TrainConfig
+from ..train.data import DATASETS
+from ..train.recipe import RECIPES
+from ..train import train
 
 DEFAULTS = TrainConfig()
 
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=d.out, help="run folder (metrics, checkpoint, table, models)")
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--img-size", type=int, default=d.img_size, help="input side in pixels")
-    parser.add_argument("--plan", default=d.plan, choices=("exits", "blocks"), help="depth plan of the nets")
+    parser.add_argument("--plan", default=d.plan, choices=PLANS, help="depth plan of the nets")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--opt", default=d.opt, help="timm optimizer name (sgd, adamw, ...)")

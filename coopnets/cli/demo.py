@@ -5,8 +5,8 @@ import argparse
 
 import torch
 
-from ._registry import create_model
-from .profiler import profile
+from ..inference.profiler import profile
+from ..models import create_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,14 +1,8 @@
 """Standalone export of one depth: a plain ``nn.Module`` holding only what that depth runs.
 
-:func:`export_depth` (``model.export(depth=k)``) deep-copies what depth ``k`` needs:
-
-* ``exits`` plan, ``k`` below full depth: a copy of the backbone pruned with timm's
-  ``prune_intermediate_layers(indices=[i], prune_norm=True, prune_head=True)`` (later
-  stages, final norm and classifier removed) followed by a copy of exit head ``k``
-  (:class:`ExitModel`);
-* ``exits`` plan at full depth: a copy of the plain timm backbone;
-* ``blocks`` plan: a copy of the backbone whose stages keep only their first ``n``
-  blocks (:meth:`StageLayout.truncate`), run by timm's own ``forward``.
+:func:`export_depth` (``model.export(depth=k)``) deep-copies what depth ``k`` needs; how
+is the depth plan's job (:meth:`coopnets.models.plans.DepthPlan.export`: a pruned
+backbone + exit head for ``exits``, a block-truncated backbone for ``blocks``).
 
 The result has no depth state and no data-dependent control flow, gives the same
 outputs as ``model.set_depth(k)``, and traces with ``torch.export.export`` and
@@ -28,57 +22,27 @@ Example:
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
-from .models.depth_adaptive import DepthAdaptiveModel
-from .models.exit_head import ExitHead
+if TYPE_CHECKING:
+    from ..models.depth_adaptive import DepthAdaptiveModel
+
 
 FORMATS = ("onnx", "safetensors", "torchscript")
 
 
-class ExitModel(nn.Module):
-    """A pruned timm backbone that ends at feature ``index``, followed by an exit head."""
-
-    def __init__(self, backbone: nn.Module, head: ExitHead, index: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.index = index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone.forward_intermediates(x, indices=[self.index], stop_early=True, intermediates_only=True)
-        return self.head(feats[-1])
-
-
-def export_depth(model: DepthAdaptiveModel, depth: int) -> nn.Module:
-    """A standalone copy of depth ``depth`` of ``model`` (see module docstring), in eval mode.
+def export_depth(model: "DepthAdaptiveModel", depth: int) -> nn.Module:
+    """A standalone copy of depth ``depth`` of ``model`` (its plan's truncation), in eval mode.
 
     Raises:
         ValueError: ``depth`` is not one of the model's depths (the message names them).
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or not (1 <= depth <= model.num_depths or depth == -1):
-        raise ValueError(
-            f"Cannot export depth {depth!r}: {model.backbone_name} has depths 1..{model.num_depths} "
-            f"(or -1 for full depth)."
-        )
-    depth = model.num_depths if depth == -1 else depth
-    backbone = copy.deepcopy(model.backbone)
-    if model.plan == "blocks":
-        model.layout.truncate(backbone, model.block_depths[depth - 1])
-        exported: nn.Module = backbone
-    elif depth == model.num_depths:
-        exported = backbone
-    else:
-        index = model.exit_indices[depth - 1]
-        backbone.prune_intermediate_layers(indices=[index], prune_norm=True, prune_head=True)
-        exported = ExitModel(backbone, copy.deepcopy(model.exits[depth - 1]), index)
-    return exported.eval()
+    return model.export(depth)
 
 
 def example_input(model: DepthAdaptiveModel, img_size: Optional[int] = None, batch_size: int = 1) -> torch.Tensor:

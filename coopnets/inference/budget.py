@@ -10,7 +10,7 @@ result reports the thresholds, the FLOPs per sample they actually cost on that d
 the accuracy there. :func:`budget_curve` does this for several budgets from one pass.
 
 **Latency budget.** :func:`depth_for_latency` measures the depths deepest first (with
-:func:`coopnets.profiler.measure_latency`) and returns the deepest whose median latency
+:func:`coopnets.inference.profiler.measure_latency`) and returns the deepest whose median latency
 fits; ``model.set_depth_for_budget(latency_ms=..., batch_size=...)`` applies it.
 
 Example:
@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from .early_exit import EarlyExit, EarlyExitResult, confidence_score, simulate
-from .models.depth_adaptive import DepthAdaptiveModel
 from .profiler import measure_latency
 
 CALIBRATION_CRITERIA = ("confidence", "entropy")
+
+if TYPE_CHECKING:
+    from ..models.depth_adaptive import DepthAdaptiveModel
 
 
 @dataclass

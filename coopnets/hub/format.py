@@ -1,0 +1,157 @@
+"""The checkpoint format: file names, ``config.json`` (built, parsed, upgraded) and its errors.
+
+A checkpoint is a folder (a Hub repo, or a local directory) with three files:
+
+``model.safetensors``
+    The weights (the state dict at any depth: depth is run-time state). Loading never
+    unpickles anything.
+``config.json``
+    timm's format (``architecture``, ``num_classes``, ``num_features``,
+    ``pretrained_cfg``, ``model_args``), so ``timm.create_model("hf-hub:...")`` and
+    ``local-dir:`` rebuild the model after ``import coopnets``. ``model_args``
+    (:meth:`DepthAdaptiveModel.model_args`) is the only record of the structure (depth
+    plan, exits, block depths, backbone kwargs). The ``coopnets`` section holds the
+    format version, the backbone, the number of depths, the measured per-depth table and
+    how the model was trained.
+``README.md``
+    The model card (:mod:`coopnets.hub.card`).
+
+Format version 1 (coopnets 0.1) wrote the structure twice (``model_args`` and the
+``coopnets`` section); :func:`parse_config` reads it as version 2.
+
+Example:
+    >>> import coopnets
+    >>> cfg = checkpoint_config(coopnets.create_model("coop_resnet18", num_classes=10))
+    >>> cfg["architecture"], cfg["model_args"]["exit_indices"], cfg["coopnets"]["num_depths"]
+    ('coop_resnet18', [1, 2, 3], 4)
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+from timm.models._pretrained import filter_pretrained_cfg
+
+from ..models.depth_adaptive import DepthAdaptiveModel
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+CHECKPOINT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
+#: keys of format 1's ``coopnets`` section that repeated ``model_args``
+_V1_STRUCTURE_KEYS = ("plan", "exit_indices", "head", "head_width", "block_depths", "backbone_kwargs")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved, found, downloaded or loaded; the message says what to do."""
+
+
+def architecture_of(model: DepthAdaptiveModel) -> str:
+    """The coop model name that rebuilds ``model``: its zoo entry, else ``coop_<backbone>``."""
+    arch = model.pretrained_cfg.get("architecture", "")
+    return arch if arch.startswith("coop_") else f"coop_{model.backbone_name}"
+
+
+def check_per_depth(rows: Optional[Sequence[Dict[str, Any]]], num_depths: int) -> List[Dict[str, Any]]:
+    """Per-depth rows sorted by depth; each must name a distinct depth in ``1..num_depths``."""
+    checked = [dict(r) for r in rows or []]
+    depths = [r.get("depth") for r in checked]
+    if any(not isinstance(d, int) or not 1 <= d <= num_depths for d in depths) or len(set(depths)) != len(depths):
+        raise ValueError(
+            f"per_depth rows need distinct integer 'depth' values in 1..{num_depths}, got {depths}. "
+            f"Build them with coopnets.profile(model, ...) and add 'accuracy' per depth."
+        )
+    return sorted(checked, key=lambda r: r["depth"])
+
+
+def to_json_data(obj: Any, what: str) -> Any:
+    """``obj`` as plain JSON data (tuples -> lists, numpy/torch numbers -> Python, paths -> str); a clear error otherwise."""
+
+    def plain(value: Any) -> Any:
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serializable")
+
+    try:
+        return json.loads(json.dumps(obj, default=plain))
+    except TypeError as e:
+        raise ValueError(f"{what} is not JSON-serializable ({e}); pass plain numbers/strings.") from e
+
+
+def checkpoint_config(
+    model: DepthAdaptiveModel,
+    per_depth: Optional[Sequence[Dict[str, Any]]] = None,
+    training: Optional[Dict[str, Any]] = None,
+    data_config: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The ``config.json`` of ``model``: timm's fields plus the ``coopnets`` section.
+
+    Args:
+        model: the depth-adaptive model.
+        per_depth: measured rows, one per depth (``depth``, ``accuracy``, ``params``,
+            ``flops``, ``latency_ms``, ``batch_size``, ``device``).
+        training: how it was trained (``method``, ``dataset``, ``epochs``, ``seed``, ``command``...).
+        data_config: preprocessing of the training data (``input_size``, ``mean``, ``std``,
+            ``crop_pct``, ``interpolation``), stored in ``pretrained_cfg``.
+    """
+    if not isinstance(model, DepthAdaptiveModel):
+        raise TypeError(f"expected a coopnets DepthAdaptiveModel, got {type(model).__name__}; wrap a timm model with coopnets.wrap(...).")
+    unknown = set(data_config or {}) - set(DATA_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"data_config keys must be among {DATA_CONFIG_KEYS}, got {sorted(unknown)}.")
+    architecture = architecture_of(model)
+    pretrained_cfg = filter_pretrained_cfg(dict(model.pretrained_cfg), remove_source=True)
+    pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k not in ("tag", "state_dict")}
+    pretrained_cfg.update(data_config or {}, architecture=architecture, num_classes=model.num_classes)
+    config = {
+        "architecture": architecture,
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "pretrained_cfg": pretrained_cfg,
+        "model_args": model.model_args(),
+        "coopnets": {
+            "format_version": FORMAT_VERSION,
+            "backbone": model.backbone_name,
+            "num_depths": model.num_depths,
+            "per_depth": check_per_depth(per_depth, model.num_depths),
+            "training": dict(training or {}),
+        },
+    }
+    return to_json_data(config, f"checkpoint config of {architecture}")
+
+
+def parse_config(text: str, where: object) -> Dict[str, Any]:
+    """A ``config.json`` text as the current format (older versions upgraded); ``where`` names it in errors.
+
+    Example:
+        >>> cfg = parse_config('{"architecture": "coop_x", "model_args": {"plan": "exits"},'
+        ...                    ' "coopnets": {"format_version": 1, "plan": "exits", "num_depths": 2}}', "demo")
+        >>> cfg["coopnets"]
+        {'format_version': 2, 'num_depths': 2}
+    """
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: {CONFIG_NAME} is not valid JSON ({e}); re-save the checkpoint with coopnets.save_pretrained.") from e
+    if not isinstance(config, dict) or not isinstance(config.get("coopnets"), dict) or "architecture" not in config:
+        raise CheckpointError(
+            f"{where}: {CONFIG_NAME} has no 'coopnets' section, so this is not a coopnets checkpoint "
+            f"(a plain timm model loads with timm.create_model). Save coopnets models with coopnets.save_pretrained."
+        )
+    version = config["coopnets"].get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{where}: checkpoint format version {version!r}; this coopnets reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Upgrade coopnets."
+        )
+    if version == 1:  # the structure lived in model_args and (again) in the coopnets section
+        for key in _V1_STRUCTURE_KEYS:
+            config["coopnets"].pop(key, None)
+        config["coopnets"]["format_version"] = FORMAT_VERSION
+    return config

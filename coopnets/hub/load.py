@@ -1,0 +1,132 @@
+"""Reading checkpoints: :func:`create_from_hub` (build from a checkpoint's config) and
+:func:`load_pretrained` (load a zoo tag's weights into a built model).
+
+Loading is strict: the checkpoint's architecture, structure (``model_args``), classes and
+state dict keys must match the model, and downloaded files are checked against the
+Hub's hashes; every failure is a :class:`~coopnets.hub.format.CheckpointError` that
+names the checkpoint and says what to do. ``config.json`` is read once per load.
+
+Example:
+    >>> import coopnets, tempfile
+    >>> path = coopnets.save_pretrained(coopnets.wrap("test_resnet", num_classes=3), tempfile.mkdtemp() + "/t")
+    >>> coopnets.create_model(f"local-dir:{path}", pretrained=True).num_classes
+    3
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import safetensors.torch
+import timm
+
+from ..models._registry import is_model, list_models
+from ..models.depth_adaptive import DepthAdaptiveModel
+from ..models.plans import structure_keys
+from .format import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, architecture_of, parse_config, to_json_data
+from .location import HubLocation
+from .manifest import BUILDER_HINT
+
+CacheDir = Optional[Union[str, Path]]
+
+
+def read_config(location: HubLocation, cache_dir: CacheDir = None) -> Dict[str, Any]:
+    """The checkpoint's ``config.json`` in the current format (downloaded and cached for a Hub repo)."""
+    return parse_config(location.fetch(CONFIG_NAME, cache_dir).read_text(), location)
+
+
+def _check_compatible(model: DepthAdaptiveModel, config: Dict[str, Any], location: HubLocation) -> None:
+    keys = ("architecture", *structure_keys())
+    args = to_json_data(model.model_args(), "model_args")
+    expected = {"architecture": architecture_of(model), **args}
+    found = {"architecture": config["architecture"], **config["model_args"]}
+    diffs = [f"{k}: checkpoint {found.get(k)!r}, model {expected.get(k)!r}" for k in keys if found.get(k) != expected.get(k)]
+    if diffs:
+        hint = (
+            "To fine-tune on other classes, load it as saved and call model.reset_classifier(n)."
+            if [d.split(":")[0] for d in diffs] == ["num_classes"]
+            else f"Load it with coopnets.create_model('{location}', pretrained=True), which rebuilds the model from the checkpoint's config."
+        )
+        raise CheckpointError(f"{location} does not match the requested model ({'; '.join(diffs)}). {hint}")
+
+
+def _load_weights(model: DepthAdaptiveModel, path: Path, location: HubLocation) -> None:
+    try:
+        state_dict = safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupted files
+        raise CheckpointError(
+            f"{location}: {WEIGHTS_NAME} is truncated or corrupted ({e}). Download it again "
+            f"(hf_hub_download(..., force_download=True)) or re-save the checkpoint."
+        ) from e
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+        raise CheckpointError(
+            f"{location}: the weights do not fit the model: {'; '.join(parts)}. The checkpoint was saved from a "
+            f"differently configured model; load it with coopnets.create_model('{location}', pretrained=True), "
+            f"which rebuilds the model from the checkpoint's config.json (model_args)."
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint_into(model: DepthAdaptiveModel, location: HubLocation, config: Dict[str, Any],
+                         cache_dir: CacheDir = None) -> DepthAdaptiveModel:
+    """Check ``model`` against the checkpoint's (already read) ``config`` and load its weights strictly."""
+    _check_compatible(model, config, location)
+    _load_weights(model, location.fetch(WEIGHTS_NAME, cache_dir), location)
+    return model
+
+
+def load_pretrained(model: DepthAdaptiveModel, cache_dir: CacheDir = None) -> DepthAdaptiveModel:
+    """Load the coopnets checkpoint named by ``model.pretrained_cfg`` into ``model`` (strictly).
+
+    The checkpoint is ``pretrained_cfg["file"]`` (a local folder) or
+    ``pretrained_cfg["hf_hub_id"]`` (``ORG/NAME[@REVISION]``, downloaded with
+    ``hf_hub_download`` into the Hub cache). Zoo entries call this for ``pretrained=True``.
+
+    Raises:
+        CheckpointError: no published weights, not found, offline without a cached copy,
+            corrupted download, or a checkpoint that does not match the model.
+
+    Example:
+        >>> import coopnets
+        >>> coopnets.create_model("coop_resnet18", pretrained=True)  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        coopnets.hub.format.CheckpointError: coop_resnet18 has no published coopnets weights ...
+    """
+    cfg = model.pretrained_cfg
+    arch = cfg.get("architecture") or architecture_of(model)
+    location = HubLocation.from_pretrained_cfg(cfg) if arch.startswith("coop_") or cfg.get("file") else None
+    if location is None:
+        published = list_models(f"{arch}.*", pretrained=True)
+        raise CheckpointError(
+            f"{arch} has no published coopnets weights for this config (no hf_hub_id). "
+            f"Published checkpoints: {', '.join(published) or 'none for this model yet'}. {BUILDER_HINT} "
+            f"For timm's ImageNet backbone weights instead, pass pretrained_backbone=True."
+        )
+    return load_checkpoint_into(model, location, read_config(location, cache_dir), cache_dir)
+
+
+def create_from_hub(location: HubLocation, pretrained: bool = False, **kwargs: Any) -> DepthAdaptiveModel:
+    """Build the model of the checkpoint at ``location`` from its config; ``pretrained=True`` loads its weights.
+
+    The structure comes from the checkpoint's ``config.json`` (``model_args``; ``kwargs``
+    override them). Zoo architectures go through timm's registry; checkpoints of other
+    wrapped backbones are rebuilt with :class:`DepthAdaptiveModel`. Called by
+    ``coopnets.create_model("hf-hub:...")``.
+    """
+    cache_dir = kwargs.pop("cache_dir", None)
+    config = read_config(location, cache_dir)
+    pretrained_cfg = {**config["pretrained_cfg"], **location.pretrained_cfg_fields()}
+    args = {**config["model_args"], **kwargs}
+    arch = config["architecture"]
+    if is_model(arch):
+        model = timm.create_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg, **args)
+    else:
+        model = DepthAdaptiveModel(config["coopnets"]["backbone"], **args)
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg
+    return load_checkpoint_into(model, location, config, cache_dir) if pretrained else model

@@ -1,0 +1,400 @@
+"""Depth plans: how one backbone becomes ``num_depths`` nested sub-networks.
+
+A :class:`DepthPlan` owns everything that differs between plans, so the model
+(:class:`~coopnets.models.depth_adaptive.DepthAdaptiveModel`), the training recipes and
+export never test a plan's name:
+
+* :meth:`~DepthPlan.forward_depth` and :meth:`~DepthPlan.forward_exits`: logits at one
+  depth, or at every depth (with embeddings and feature maps for distillation);
+* :meth:`~DepthPlan.embedding_dims` and :meth:`~DepthPlan.feature_pairs`: what
+  feature-level distillation compares;
+* :meth:`~DepthPlan.export`: the structural truncation of one depth;
+* :meth:`~DepthPlan.config`: the constructor arguments that rebuild it (written once
+  into a checkpoint's ``model_args``).
+
+Plans hold no modules of their own: the exit heads are registered on the model as
+``exits`` (so state-dict keys are the same for every plan) and the plan methods take
+the model as their first argument.
+
+``exits`` (:class:`ExitsPlan`, default)
+    An :class:`~coopnets.models.exit_head.ExitHead` after chosen ``feature_info`` stages.
+    Depth ``k`` runs the stem, stages ``1..k`` (timm's ``forward_intermediates(...,
+    stop_early=True)``) and exit ``k``; the last depth is the plain backbone.
+``blocks`` (:class:`BlocksPlan`)
+    Every depth runs all stages with only their first ``n`` blocks and the shared final
+    head (EKD's depth-level sub-networks). Needs a block-level
+    :class:`~coopnets.models.layouts.StageLayout`.
+
+A new plan is one subclass here plus an entry in :data:`PLAN_CLASSES`.
+
+Example:
+    >>> import coopnets
+    >>> m = coopnets.wrap("resnet18", num_classes=10, plan="blocks")
+    >>> type(m.depth_plan).__name__, m.depth_plan.config()
+    ('BlocksPlan', {'block_depths': [[1, 1, 1, 1], [2, 2, 2, 2]]})
+    >>> coopnets.wrap("resnet18", num_classes=10).depth_plan.config()
+    {'exit_indices': [1, 2, 3], 'head': 'conv'}
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .exit_head import ExitHead, head_kind_for
+from .layouts import StageLayout, get_layout
+
+if TYPE_CHECKING:
+    from .depth_adaptive import DepthAdaptiveModel
+
+DEFAULT_VIT_EXITS = 4
+DEFAULT_BLOCK_DEPTHS = 3
+FeaturePair = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ExitOutputs:
+    """Everything one shared pass produces for every depth (used by training recipes).
+
+    Attributes:
+        logits: class logits per depth, shallowest first.
+        embeddings: pooled pre-logit embedding per depth.
+        feature_maps: per depth, the NCHW maps that depth computed at its stage
+            boundaries (``exits`` plan: the map its exit reads; ``blocks`` plan: every
+            stage's output), for feature-level distillation.
+    """
+
+    logits: List[torch.Tensor]
+    embeddings: List[torch.Tensor] = field(default_factory=list)
+    feature_maps: List[List[torch.Tensor]] = field(default_factory=list)
+
+
+class DepthPlan:
+    """Base class of depth plans (see the module docstring). Subclasses set ``name``."""
+
+    name: ClassVar[str] = ""
+    #: the keys :meth:`config` may return
+    config_keys: ClassVar[Tuple[str, ...]] = ()
+    num_depths: int
+
+    def build_exits(self, model: "DepthAdaptiveModel") -> nn.ModuleList:
+        """The exit heads this plan adds to ``model`` (registered as ``model.exits``)."""
+        return nn.ModuleList()
+
+    def config(self) -> Dict[str, Any]:
+        """Constructor arguments of :class:`DepthAdaptiveModel` (besides ``plan``) that rebuild this plan."""
+        raise NotImplementedError
+
+    @staticmethod
+    def describe(config: Dict[str, Any]) -> str:
+        """One line for people (model cards) on the structure that :meth:`config` records."""
+        raise NotImplementedError
+
+    def forward_depth(self, model: "DepthAdaptiveModel", x: torch.Tensor, depth: int) -> torch.Tensor:
+        """Logits of the sub-network at ``depth`` (1-based, already validated)."""
+        raise NotImplementedError
+
+    def forward_exits(self, model: "DepthAdaptiveModel", x: torch.Tensor, with_features: bool) -> ExitOutputs:
+        """Logits of every depth from one shared pass (and embeddings/feature maps if asked)."""
+        raise NotImplementedError
+
+    def embedding_dims(self, model: "DepthAdaptiveModel") -> List[int]:
+        """Width of ``forward_exits(x, with_features=True).embeddings[k]`` for every depth."""
+        raise NotImplementedError
+
+    def feature_pairs(self, out: ExitOutputs, depth: int) -> List[FeaturePair]:
+        """(sub-net map, full-net map) pairs at equal resolution for 0-based ``depth`` (feature distillation)."""
+        raise NotImplementedError
+
+    def export(self, model: "DepthAdaptiveModel", depth: int) -> nn.Module:
+        """A standalone copy of what ``depth`` runs (no depth state), in eval mode."""
+        raise NotImplementedError
+
+
+def _final_embedding_dim(model: "DepthAdaptiveModel") -> int:
+    """The backbone's pre-logits width (``head_hidden_size`` in timm, which differs from
+    ``num_features`` for models with a conv head such as MobileNetV3)."""
+    return int(getattr(model.backbone, "head_hidden_size", None) or model.backbone.num_features)
+
+
+# --- exits --------------------------------------------------------------------------------
+def default_exit_indices(feature_info: Sequence[Dict[str, Any]], num_exits: Optional[int] = None) -> List[int]:
+    """``feature_info`` indices that get an exit head (the final head not included).
+
+    Every stage past the stem (reduction >= 4) gets one; when all entries share one
+    reduction (ViT-like: one entry per block), ``num_exits`` (default 4) evenly spaced
+    blocks are used instead.
+
+    Example:
+        >>> default_exit_indices([{"reduction": r} for r in (2, 4, 8, 16, 32)])
+        [1, 2, 3]
+        >>> default_exit_indices([{"reduction": 16}] * 12)
+        [2, 5, 8]
+    """
+    n = len(feature_info)
+    reductions = {f["reduction"] for f in feature_info}
+    if len(reductions) == 1 or num_exits is not None:
+        k = num_exits or DEFAULT_VIT_EXITS
+        if not 1 <= k <= n:
+            raise ValueError(f"num_exits must be in 1..{n} for this backbone, got {k}.")
+        points = sorted({math.ceil(n * (i + 1) / k) - 1 for i in range(k)})
+    else:
+        points = [i for i, f in enumerate(feature_info) if f["reduction"] >= 4]
+    return [p for p in points if p != n - 1]
+
+
+class ExitModel(nn.Module):
+    """A pruned timm backbone that ends at feature ``index``, followed by an exit head (an exported depth)."""
+
+    def __init__(self, backbone: nn.Module, head: ExitHead, index: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone.forward_intermediates(x, indices=[self.index], stop_early=True, intermediates_only=True)
+        return self.head(feats[-1])
+
+
+class ExitsPlan(DepthPlan):
+    """An exit head after each chosen ``feature_info`` stage; the backbone's own head last.
+
+    Args:
+        feature_info: the backbone's ``feature_info``.
+        exit_indices: increasing ``feature_info`` indices (below the last) with an exit
+            head. Default: every stage past the stem, or ``num_exits`` evenly spaced blocks
+            for ViT-like backbones.
+        num_exits: number of depths for ViT-like backbones (default 4).
+        head: exit head kind, ``linear``, ``conv`` or ``auto`` (set by the model).
+        head_width: embedding width of ``conv`` heads (default: the backbone's final width).
+    """
+
+    name = "exits"
+    config_keys = ("exit_indices", "head", "head_width")
+
+    def __init__(
+        self,
+        feature_info: Sequence[Dict[str, Any]],
+        exit_indices: Optional[Sequence[int]] = None,
+        num_exits: Optional[int] = None,
+        head: str = "conv",
+        head_width: Optional[int] = None,
+    ) -> None:
+        n = len(feature_info)
+        points = list(exit_indices) if exit_indices is not None else default_exit_indices(feature_info, num_exits)
+        if any(not isinstance(p, int) or not 0 <= p < n - 1 for p in points) or points != sorted(set(points)):
+            raise ValueError(
+                f"exit_indices must be increasing feature_info indices in 0..{n - 2} "
+                f"(index {n - 1} is the backbone's own final head), got {points}."
+            )
+        self.feature_info = [dict(f) for f in feature_info]
+        self.exit_indices = points
+        self.head_kind = head
+        self.head_width = head_width
+        self.num_depths = len(points) + 1
+
+    def build_exits(self, model: "DepthAdaptiveModel") -> nn.ModuleList:
+        info, final_red = self.feature_info, self.feature_info[-1]["reduction"]
+        return nn.ModuleList(
+            ExitHead(info[i]["num_chs"], model.num_classes, kind=self.head_kind, reduction=info[i]["reduction"],
+                     final_reduction=final_red, width=self.head_width or model.num_features)
+            for i in self.exit_indices
+        )
+
+    def config(self) -> Dict[str, Any]:
+        cfg: Dict[str, Any] = {"exit_indices": list(self.exit_indices), "head": self.head_kind}
+        if self.head_width is not None:
+            cfg["head_width"] = self.head_width
+        return cfg
+
+    @staticmethod
+    def describe(config):
+        return f"an exit head (`{config['head']}`) after feature stages {config['exit_indices']}, the backbone's own head last"
+
+    def forward_depth(self, model, x, depth):
+        if depth == self.num_depths:
+            return model.backbone(x)
+        feats = model.backbone.forward_intermediates(
+            x, indices=[self.exit_indices[depth - 1]], stop_early=True, intermediates_only=True
+        )
+        return model.exits[depth - 1](feats[-1])
+
+    def forward_exits(self, model, x, with_features):
+        indices = self.exit_indices + [len(self.feature_info) - 1] if with_features else self.exit_indices
+        final, maps = model.backbone.forward_intermediates(x, indices=indices, stop_early=False)
+        out = ExitOutputs(logits=[])
+        for head, fmap in zip(model.exits, maps):
+            if with_features:
+                logits, emb = head.forward_both(fmap)
+                out.embeddings.append(emb)
+                out.feature_maps.append([fmap])
+            else:
+                logits = head(fmap)
+            out.logits.append(logits)
+        out.logits.append(model.backbone.forward_head(final))
+        if with_features:
+            out.embeddings.append(model.backbone.forward_head(final, pre_logits=True))
+            out.feature_maps.append([maps[-1]])
+        return out
+
+    def embedding_dims(self, model):
+        return [int(head.num_features) for head in model.exits] + [_final_embedding_dim(model)]
+
+    def feature_pairs(self, out, depth):
+        """The exit's input map, area-pooled to the resolution of the full net's last map, against that map."""
+        target = out.feature_maps[-1][-1]
+        return [(F.adaptive_avg_pool2d(out.feature_maps[depth][-1], target.shape[-2:]), target)]
+
+    def export(self, model, depth):
+        """Full depth: a copy of the plain backbone. Below: a copy pruned with timm's
+        ``prune_intermediate_layers`` (later stages, final norm and head removed) + the exit head."""
+        backbone = copy.deepcopy(model.backbone)
+        if depth == self.num_depths:
+            return backbone.eval()
+        index = self.exit_indices[depth - 1]
+        backbone.prune_intermediate_layers(indices=[index], prune_norm=True, prune_head=True)
+        return ExitModel(backbone, copy.deepcopy(model.exits[depth - 1]), index).eval()
+
+
+# --- blocks -------------------------------------------------------------------------------
+def default_block_depths(blocks_per_stage: Sequence[int], num_depths: int = DEFAULT_BLOCK_DEPTHS) -> List[List[int]]:
+    """EKD-style nested block counts: depth ``d < D`` keeps ``min(n_s, d)`` blocks of each stage.
+
+    ResNet-50 ``[3,4,6,3]`` with ``D=3`` gives ``[1,1,1,1], [2,2,2,2], [3,4,6,3]``;
+    duplicates (stages shorter than ``d``) collapse.
+
+    Example:
+        >>> default_block_depths([3, 4, 6, 3])
+        [[1, 1, 1, 1], [2, 2, 2, 2], [3, 4, 6, 3]]
+    """
+    depths: List[List[int]] = []
+    for d in range(1, num_depths):
+        counts = [min(n, d) for n in blocks_per_stage]
+        if counts not in depths and counts != list(blocks_per_stage):
+            depths.append(counts)
+    depths.append(list(blocks_per_stage))
+    return depths
+
+
+class BlocksPlan(DepthPlan):
+    """Every depth runs all stages with the first ``n`` blocks of each, and the shared final head.
+
+    Args:
+        layout: the backbone's block-level layout.
+        block_depths: block counts per stage for every depth, shallowest first, the last
+            equal to the full backbone. Default: :func:`default_block_depths`.
+        num_block_depths: number of depths of the default schedule.
+    """
+
+    name = "blocks"
+    config_keys = ("block_depths",)
+
+    def __init__(
+        self,
+        layout: StageLayout,
+        block_depths: Optional[Sequence[Sequence[int]]] = None,
+        num_block_depths: int = DEFAULT_BLOCK_DEPTHS,
+    ) -> None:
+        full = [len(s) for s in layout.stages]
+        depths = [list(d) for d in block_depths] if block_depths is not None else default_block_depths(full, num_block_depths)
+        problem = None
+        if not depths or depths[-1] != full:
+            problem = f"the last entry must be the full backbone {full}"
+        for d in depths:
+            if len(d) != len(full) or any(not 1 <= n <= m for n, m in zip(d, full)):
+                problem = f"every entry needs {len(full)} counts with 1 <= count <= {full}"
+        if problem:
+            raise ValueError(f"Invalid block_depths {depths}: {problem}.")
+        self.layout = layout
+        self.block_depths = depths
+        self.num_depths = len(depths)
+
+    def config(self) -> Dict[str, Any]:
+        return {"block_depths": [list(d) for d in self.block_depths]}
+
+    @staticmethod
+    def describe(config):
+        return "every depth runs all stages with the first n blocks of each: " + ", ".join(map(str, config["block_depths"]))
+
+    def _features(self, x: torch.Tensor, depth: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        stage_outs = self.layout.run_blocks(self.layout.stem(x), self.block_depths[depth - 1])
+        return self.layout.finish(stage_outs[-1]), stage_outs
+
+    def forward_depth(self, model, x, depth):
+        return model.backbone.forward_head(self._features(x, depth)[0])
+
+    def forward_exits(self, model, x, with_features):
+        out = ExitOutputs(logits=[])
+        hw = tuple(x.shape[-2:])
+        for depth in range(1, self.num_depths + 1):
+            final, stage_outs = self._features(x, depth)
+            out.logits.append(model.backbone.forward_head(final))
+            if with_features:
+                out.embeddings.append(model.backbone.forward_head(final, pre_logits=True))
+                out.feature_maps.append([self.layout.to_nchw(s, hw) for s in stage_outs])
+        return out
+
+    def embedding_dims(self, model):
+        return [_final_embedding_dim(model)] * self.num_depths
+
+    def feature_pairs(self, out, depth):
+        """Stage by stage: every stage's output at ``depth`` against the full net's."""
+        return list(zip(out.feature_maps[depth], out.feature_maps[-1]))
+
+    def export(self, model, depth):
+        """A copy of the backbone whose stages keep only their first ``n`` blocks, run by timm's own ``forward``."""
+        backbone = copy.deepcopy(model.backbone)
+        self.layout.truncate(backbone, self.block_depths[depth - 1])
+        return backbone.eval()
+
+
+PLAN_CLASSES: Dict[str, Type[DepthPlan]] = {"exits": ExitsPlan, "blocks": BlocksPlan}
+PLANS: Tuple[str, ...] = tuple(PLAN_CLASSES)
+
+
+def describe_plan(model_args: Dict[str, Any]) -> str:
+    """The plan description of a checkpoint's ``model_args`` (see :meth:`DepthPlan.describe`).
+
+    Example:
+        >>> describe_plan({"plan": "blocks", "block_depths": [[1, 1], [2, 2]]})
+        'every depth runs all stages with the first n blocks of each: [1, 1], [2, 2]'
+    """
+    return PLAN_CLASSES[model_args["plan"]].describe(model_args)
+
+
+def structure_keys() -> Tuple[str, ...]:
+    """The ``model_args`` keys that define a model's depth structure (classes, plan and every plan's options)."""
+    return ("num_classes", "plan", *dict.fromkeys(k for cls in PLAN_CLASSES.values() for k in cls.config_keys))
+
+
+def create_plan(
+    name: str,
+    backbone: nn.Module,
+    *,
+    exit_indices: Optional[Sequence[int]] = None,
+    num_exits: Optional[int] = None,
+    head: str = "auto",
+    head_width: Optional[int] = None,
+    block_depths: Optional[Sequence[Sequence[int]]] = None,
+    num_block_depths: int = DEFAULT_BLOCK_DEPTHS,
+) -> DepthPlan:
+    """Build the plan ``name`` for ``backbone``; an unknown name lists the valid plans.
+
+    Options of the other plan must be left at their defaults (a clear error otherwise).
+    """
+    if name not in PLAN_CLASSES:
+        raise ValueError(f"Unknown depth plan {name!r}; valid plans: {', '.join(PLANS)}.")
+    if name == "exits":
+        if block_depths is not None:
+            raise ValueError("block_depths belongs to plan='blocks'; drop it or pass plan='blocks'.")
+        kind = head_kind_for(backbone) if head == "auto" else head
+        return ExitsPlan(backbone.feature_info, exit_indices, num_exits, kind, head_width)
+    if exit_indices is not None or num_exits is not None:
+        raise ValueError("exit_indices/num_exits belong to plan='exits'; drop them or pass plan='exits'.")
+    return BlocksPlan(get_layout(backbone, purpose="plan='blocks'"), block_depths, num_block_depths)
