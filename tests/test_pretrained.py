@@ -229,7 +229,7 @@ def test_corrupted_download_is_rejected_and_removed_from_the_cache(hub):
 
 # --- zoo tags and publishing -------------------------------------------------------------------
 def test_zoo_lists_only_manifest_checkpoints_and_unpublished_weights_are_explained():
-    recorded = {f"{r['model']}.{r['tag']}" for r in manifest.load_manifest()}
+    recorded = {f"{r['model']}.{r['tag']}" for r in manifest.load_manifest() if manifest.is_pinned(r["hf_hub_id"])}
     assert set(coopnets.list_models(pretrained=True)) == recorded
     with pytest.raises(CheckpointError, match=r"coop_resnet18 has no published coopnets weights.*coopnets push RUN_DIR --repo-id ORG/NAME"):
         coopnets.create_model("coop_resnet18", pretrained=True, **TINY)
@@ -250,10 +250,23 @@ def test_manifest_accepts_only_measured_runs(temp_manifest):
         manifest.checkpoint_record(unmeasured, "coop_resnet18", "digits", "org/tiny@abc")
 
     measured = checkpoint_config(tiny(), per_depth=rows(), training=TRAINING)
-    manifest.add_checkpoint(manifest.checkpoint_record(measured, "coop_resnet18", "digits", "org/tiny@abc"), temp_manifest)
+    pinned = "org/tiny@" + "0123456789" * 4
+    manifest.add_checkpoint(manifest.checkpoint_record(measured, "coop_resnet18", "digits", pinned), temp_manifest)
     cfgs = manifest.pretrained_cfgs_for("coop_resnet18")
-    assert list(cfgs) == ["coop_resnet18.digits"] and cfgs["coop_resnet18.digits"]["hf_hub_id"] == "org/tiny@abc"
+    assert list(cfgs) == ["coop_resnet18.digits"] and cfgs["coop_resnet18.digits"]["hf_hub_id"] == pinned
     assert manifest.load_manifest()[0]["per_depth"] == rows() and manifest.load_manifest()[0]["training"]["seed"] == 0
+
+
+def test_only_records_pinned_to_a_pushed_commit_become_pretrained_tags(temp_manifest):
+    from coopnets.models._builder import zoo_cfgs
+
+    measured = checkpoint_config(tiny(), per_depth=rows(), training=TRAINING)
+    for tag, hf_hub_id in (("pinned", "org/tiny@" + "ab" * 20), ("branch", "org/tiny@main"), ("unpushed", "org/tiny"),
+                           ("short", "org/tiny@abc")):
+        manifest.add_checkpoint(manifest.checkpoint_record(measured, "coop_resnet18", tag, hf_hub_id), temp_manifest)
+    assert list(manifest.pretrained_cfgs_for("coop_resnet18")) == ["coop_resnet18.pinned"]
+    # the tags timm registers for the family, hence what list_models(pretrained=True) lists
+    assert sorted(zoo_cfgs("coop_resnet18")["coop_resnet18"].tags) == ["", "pinned"]
 
 
 def test_push_cli_and_publish_tool_publish_a_training_run(hub, tmp_path, temp_manifest, capsys):
@@ -268,7 +281,7 @@ def test_push_cli_and_publish_tool_publish_a_training_run(hub, tmp_path, temp_ma
     assert 'create_model("hf-hub:org/run", pretrained=True)' in card  # card re-rendered for the repo
 
     assert cli_main(["push", str(tmp_path / "empty"), "--repo-id", "org/run"]) == 2
-    assert "no checkpoint in" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
     spec = importlib.util.spec_from_file_location("hub_publish", Path(__file__).parents[1] / "hub" / "publish.py")
     publish = importlib.util.module_from_spec(spec)
@@ -284,6 +297,94 @@ def test_push_cli_and_publish_tool_publish_a_training_run(hub, tmp_path, temp_ma
     assert "publishing to org/new" in err and "hf auth login" in err
 
 
+# --- a checkpoint says how to feed it --------------------------------------------------------
+DIGIT_CLASSES = 4
+
+
+def digits_folder(root: Path, per_class=(40, 10, 15)) -> Path:
+    """An ImageFolder of scikit-learn digits 0..3 saved as 8x8 RGB PNGs (train/val/test)."""
+    from sklearn.datasets import load_digits
+
+    from coopnets.train.data import digit_image
+
+    data = load_digits()
+    for cls in range(DIGIT_CLASSES):
+        images = data.images[data.target == cls]
+        start = 0
+        for split, n in zip(("train", "val", "test"), per_class):
+            (root / split / str(cls)).mkdir(parents=True)
+            for i, d in enumerate(images[start:start + n]):
+                digit_image(d).save(root / split / str(cls) / f"{i}.png")
+            start += n
+    return root
+
+
+def accuracy_per_depth(model: coopnets.DepthAdaptiveModel, folder: Path, transform) -> List[float]:
+    """Top-1 accuracy of ``model`` at every depth on the raw PNGs of an ImageFolder split."""
+    from PIL import Image
+
+    files = sorted(folder.glob("*/*.png"))
+    x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    y = torch.tensor([int(f.parent.name) for f in files])
+    with torch.no_grad():
+        return [float((model.eval().forward_depth(x, d).argmax(-1) == y).float().mean()) for d in range(1, model.num_depths + 1)]
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_records_its_preprocessing_and_timm_reproduces_its_test_accuracy(hub, tmp_path):
+    """Train on an ImageFolder at 24 px, push the run's model/, download it with timm and preprocess the raw
+    test images with timm's data pipeline from the model's own config: the run's per-depth test accuracy."""
+    from timm.data import create_transform, resolve_data_config
+
+    from coopnets.train import TrainConfig, train
+
+    data = digits_folder(tmp_path / "digits")
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), model="coop_resnet18", method="multi_exit", data_dir=str(data), img_size=24,
+                      epochs=3, batch_size=16, lr=0.05, progress=False, profile_repeats=1, seed=0), echo=False)
+    recorded = [r["accuracy"] for r in json.loads((run / "model" / "config.json").read_text())["coopnets"]["per_depth"]]
+    assert cli_main(["push", str(run), "--repo-id", "org/digits-folder"]) == 0
+
+    m = timm.create_model("hf-hub:org/digits-folder", pretrained=True)
+    cfg = resolve_data_config({}, model=m)
+    assert tuple(cfg["input_size"]) == (3, 24, 24) and m.pretrained_cfg["label_names"] == ["0", "1", "2", "3"]
+    assert m.pretrained_cfg["num_classes"] == DIGIT_CLASSES
+    got = accuracy_per_depth(m, data / "test", create_transform(**cfg))
+    assert max(recorded) > 1 / DIGIT_CLASSES + 0.2, recorded  # it learned something, so the check means something
+    assert all(abs(a - b) <= 0.01 for a, b in zip(got, recorded)), (got, recorded)
+
+
+def test_digits_checkpoint_card_says_how_to_prepare_an_8x8_digit(tmp_path):
+    """The digits run's config reproduces its tensors from raw 8x8 digits through timm's pipeline; the card says how."""
+    from sklearn.datasets import load_digits
+    from timm.data import create_transform, resolve_data_config
+
+    from coopnets.train.data import digit_image, digits_splits
+
+    splits = digits_splits(img_size=16)
+    model = coopnets.wrap("test_resnet", num_classes=10)
+    folder = save_pretrained(model, tmp_path / "ckpt", training={"dataset": "digits"}, data_config=splits.pretrained_cfg_fields())
+    loaded = coopnets.create_model(f"local-dir:{folder}", pretrained=True)
+    transform = create_transform(**resolve_data_config({}, model=loaded))
+    raw = load_digits().images
+    x = torch.stack([transform(digit_image(d)) for d in raw[:50]])
+    resized = torch.nn.functional.interpolate(torch.tensor(raw[:50], dtype=torch.float32).unsqueeze(1) / 16, size=(16, 16),
+                                              mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    mean, std = splits.data_config["mean"][0], splits.data_config["std"][0]  # one statistic, all 3 channels
+    assert (x - (resized - mean) / std).abs().max() < 0.02  # 8-bit rounding of the PNG-style image only
+    text = (folder / "README.md").read_text()
+    assert "resolve_data_config({}, model=m)" in text and "create_transform(**cfg)" in text
+    assert 'Image.fromarray((d * 255 / 16).round().astype("uint8")).convert("RGB")' in text
+    assert "input size 3x16x16" in text and "Classes (10): 0, 1," in text
+
+
+def test_checkpoint_config_checks_the_data_config_against_the_model():
+    with pytest.raises(ValueError, match=r"data_config keys must be among .*'label_names'.*got \['img_size'\]"):
+        checkpoint_config(tiny(), data_config={"img_size": 16})
+    with pytest.raises(ValueError, match=r"num_classes'\] is 3 but the model has 10"):
+        checkpoint_config(tiny(), data_config={"num_classes": 3})
+
+
 # --- older formats ------------------------------------------------------------------------
 DATA = Path(__file__).with_name("data")
 
@@ -295,8 +396,11 @@ def test_format_version_1_checkpoints_still_load(name):
     folder = DATA / name
     assert json.loads((folder / "config.json").read_text())["coopnets"]["format_version"] == 1
     expected = torch.load(DATA / f"{name}.expected.pt", weights_only=True)
-    for loaded in (coopnets.create_model(f"local-dir:{folder}", pretrained=True),
-                   timm.create_model(f"local-dir:{folder}", pretrained=True)):
+    for create in (coopnets.create_model, timm.create_model):
+        with pytest.warns(UserWarning) as caught:
+            loaded = create(f"local-dir:{folder}", pretrained=True)
+        (warning,) = caught  # one warning, naming what is missing
+        assert "does not record how its training data was fed" in str(warning.message) and "label_names" in str(warning.message)
         loaded.eval()
         assert loaded.num_depths == len(expected["logits"])
         with torch.no_grad():

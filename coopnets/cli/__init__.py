@@ -4,6 +4,10 @@ Each subcommand is the module of the same name in this package (``coopnets train
 :mod:`coopnets.cli.train`), exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 this file only dispatches. Modules whose name starts with ``_`` are helpers, not commands.
 
+Expected failures (:data:`EXPECTED_ERRORS`: a bad depth, a missing path, a file that is
+not a checkpoint, offline without a cached copy, a missing repo, a refused token) end the
+command with one line on stderr, ``coopnets COMMAND: error: ...``, and exit code 2.
+
 Example:
     coopnets demo --model coop_resnet18
     coopnets train --model coop_resnet18 --dataset digits --epochs 5 --out runs/r18
@@ -13,8 +17,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from types import ModuleType
 from typing import List, Optional
+
+from ..hub.format import CheckpointError
+
+#: what a command may raise for a bad request (reported in one line, exit code 2); anything else is a bug
+EXPECTED_ERRORS = (CheckpointError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
 
 #: subcommand (= module name in this package) -> one-line help
 SUBCOMMANDS = {
@@ -39,6 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """An error message on one line (newlines and runs of spaces folded).
+
+    Example:
+        >>> one_line(ValueError("bad depth 7;" + chr(10) + "  valid depths: 1..4"))
+        'bad depth 7; valid depths: 1..4'
+    """
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``coopnets COMMAND ...``; returns the exit code (2 for an expected failure, reported on stderr).
+
+    Example:
+        >>> main(["export", "no_such_model", "--depth", "1", "--out", "x.onnx"])
+        2
+    """
     args = build_parser().parse_args(argv)
-    return int(command_module(args.command).run(args) or 0)
+    try:
+        return int(command_module(args.command).run(args) or 0)
+    except EXPECTED_ERRORS as e:
+        print(f"coopnets {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2

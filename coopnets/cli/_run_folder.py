@@ -21,6 +21,13 @@ def checkpoint_folder(path: Union[str, Path]) -> Path:
         (True, True)
     """
     run_dir = Path(path)
+    if not run_dir.exists():
+        raise CheckpointError(f"{run_dir} does not exist: give a training run folder (RUN_DIR with model/) or a checkpoint folder.")
+    if not run_dir.is_dir():
+        raise CheckpointError(
+            f"{run_dir} is a file, not a checkpoint: give a training run folder (RUN_DIR with model/) or a "
+            f"checkpoint folder holding {CONFIG_NAME} and model.safetensors."
+        )
     for folder in (run_dir / "model", run_dir):
         if (folder / CONFIG_NAME).is_file():
             return folder

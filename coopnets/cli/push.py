@@ -11,10 +11,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from ..hub import CheckpointError, push_to_hub
+from ..hub import push_to_hub
 from ._run_folder import checkpoint_folder
 
 
@@ -28,15 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        folder = checkpoint_folder(args.run_dir)
-        info = push_to_hub(
-            folder, args.repo_id, private=args.private, revision=args.revision,
-            token=args.token, commit_message=args.commit_message,
-        )
-    except CheckpointError as e:
-        print(f"coopnets push: {e}", file=sys.stderr)
-        return 2
+    folder = checkpoint_folder(args.run_dir)  # failures: one line on stderr, exit code 2 (coopnets.cli.main)
+    info = push_to_hub(
+        folder, args.repo_id, private=args.private, revision=args.revision,
+        token=args.token, commit_message=args.commit_message,
+    )
     print(f"published {folder} -> {info.commit_url}")
     print(f"load it with: coopnets.create_model('hf-hub:{args.repo_id}@{info.oid}', pretrained=True)")
     return 0

@@ -25,6 +25,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..models._registry import is_model
 from ..models.plans import describe_plan
+from .format import missing_data_config
 from .location import HubLocation
 
 TEMPLATE_PATH = Path(__file__).with_name("templates") / "model_card.md"
@@ -102,6 +103,7 @@ def model_card(config: Dict[str, Any], location: HubLocation) -> ModelCard:
         eval_results=eval_results or None,
     )
     input_size = list(cfg.get("input_size", (3, 224, 224)))
+    missing = missing_data_config(config)
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE_PATH),
@@ -116,8 +118,15 @@ def model_card(config: Dict[str, Any], location: HubLocation) -> ModelCard:
         example_depth=max(1, coop["num_depths"] - 1),
         num_classes=config["num_classes"],
         input_size=input_size,
-        mean=tuple(cfg.get("mean", ())),
-        std=tuple(cfg.get("std", ())),
+        mean=tuple(round(v, 4) for v in cfg.get("mean", ())),
+        std=tuple(round(v, 4) for v in cfg.get("std", ())),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        crop_pct=cfg.get("crop_pct", 0.875),
+        crop_mode=cfg.get("crop_mode", "center"),
+        label_names=list(cfg.get("label_names") or []),
+        recorded=not missing,
+        missing=missing,
+        digits=dataset == "digits",
         training=_training_rows(training),
         per_depth=_table_rows(per_depth),
         measured_on=_measured_on(per_depth),

@@ -41,7 +41,9 @@ CARD_NAME = "README.md"
 CHECKPOINT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
+#: what a checkpoint records about how to feed it, in ``pretrained_cfg`` (timm's field names);
+#: :meth:`coopnets.train.data.DataSplits.pretrained_cfg_fields` returns exactly these
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "num_classes", "label_names")
 #: keys of format 1's ``coopnets`` section that repeated ``model_args``
 _V1_STRUCTURE_KEYS = ("plan", "exit_indices", "head", "head_width", "block_depths", "backbone_kwargs")
 
@@ -97,18 +99,37 @@ def checkpoint_config(
         per_depth: measured rows, one per depth (``depth``, ``accuracy``, ``params``,
             ``flops``, ``latency_ms``, ``batch_size``, ``device``).
         training: how it was trained (``method``, ``dataset``, ``epochs``, ``seed``, ``command``...).
-        data_config: preprocessing of the training data (``input_size``, ``mean``, ``std``,
-            ``crop_pct``, ``interpolation``), stored in ``pretrained_cfg``.
+        data_config: how the run fed its data (:data:`DATA_CONFIG_KEYS`: timm's data config
+            ``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``,
+            plus ``num_classes`` and ``label_names``), stored in ``pretrained_cfg``. Build it
+            with ``DataSplits.pretrained_cfg_fields()``; without it the model's own
+            ``pretrained_cfg`` defaults are recorded and loading warns (:func:`missing_data_config`).
+
+    Example:
+        >>> import coopnets
+        >>> m = coopnets.create_model("coop_resnet18", num_classes=2)
+        >>> cfg = checkpoint_config(m, data_config={"input_size": (3, 16, 16), "label_names": ["cat", "dog"]})
+        >>> cfg["pretrained_cfg"]["input_size"], cfg["pretrained_cfg"]["label_names"]
+        ([3, 16, 16], ['cat', 'dog'])
+        >>> checkpoint_config(m, data_config={"label_names": ["cat"]})
+        Traceback (most recent call last):
+        ...
+        ValueError: data_config['label_names'] names 1 classes but the model has 2.
     """
     if not isinstance(model, DepthAdaptiveModel):
         raise TypeError(f"expected a coopnets DepthAdaptiveModel, got {type(model).__name__}; wrap a timm model with coopnets.wrap(...).")
     unknown = set(data_config or {}) - set(DATA_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"data_config keys must be among {DATA_CONFIG_KEYS}, got {sorted(unknown)}.")
+    data_config = dict(data_config or {})
+    if data_config.get("num_classes", model.num_classes) != model.num_classes:
+        raise ValueError(f"data_config['num_classes'] is {data_config['num_classes']} but the model has {model.num_classes}.")
+    if "label_names" in data_config and len(data_config["label_names"]) != model.num_classes:
+        raise ValueError(f"data_config['label_names'] names {len(data_config['label_names'])} classes but the model has {model.num_classes}.")
     architecture = architecture_of(model)
     pretrained_cfg = filter_pretrained_cfg(dict(model.pretrained_cfg), remove_source=True)
     pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k not in ("tag", "state_dict")}
-    pretrained_cfg.update(data_config or {}, architecture=architecture, num_classes=model.num_classes)
+    pretrained_cfg.update(data_config, architecture=architecture, num_classes=model.num_classes)
     config = {
         "architecture": architecture,
         "num_classes": model.num_classes,
@@ -124,6 +145,18 @@ def checkpoint_config(
         },
     }
     return to_json_data(config, f"checkpoint config of {architecture}")
+
+
+def missing_data_config(config: Dict[str, Any]) -> List[str]:
+    """The :data:`DATA_CONFIG_KEYS` a checkpoint's ``pretrained_cfg`` lacks (checkpoints saved
+    before coopnets recorded the run's preprocessing lack some; then timm's defaults apply).
+
+    Example:
+        >>> missing_data_config({"pretrained_cfg": {"input_size": [3, 224, 224], "mean": [0.5], "std": [0.5]}})
+        ['interpolation', 'crop_pct', 'crop_mode', 'num_classes', 'label_names']
+    """
+    cfg = config.get("pretrained_cfg") or {}
+    return [k for k in DATA_CONFIG_KEYS if k not in cfg]
 
 
 def parse_config(text: str, where: object) -> Dict[str, Any]:

@@ -14,6 +14,7 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -23,7 +24,15 @@ import timm
 from ..models._registry import is_model, list_models
 from ..models.depth_adaptive import DepthAdaptiveModel
 from ..models.plans import structure_keys
-from .format import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, architecture_of, parse_config, to_json_data
+from .format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    architecture_of,
+    missing_data_config,
+    parse_config,
+    to_json_data,
+)
 from .location import HubLocation
 from .manifest import BUILDER_HINT
 
@@ -31,8 +40,25 @@ CacheDir = Optional[Union[str, Path]]
 
 
 def read_config(location: HubLocation, cache_dir: CacheDir = None) -> Dict[str, Any]:
-    """The checkpoint's ``config.json`` in the current format (downloaded and cached for a Hub repo)."""
-    return parse_config(location.fetch(CONFIG_NAME, cache_dir).read_text(), location)
+    """The checkpoint's ``config.json`` in the current format (downloaded and cached for a Hub repo).
+
+    A checkpoint that does not record how it was fed (:func:`~coopnets.hub.format.missing_data_config`,
+    e.g. one saved before coopnets recorded it) still loads, with one ``UserWarning`` naming
+    the missing fields.
+    """
+    config = parse_config(location.fetch(CONFIG_NAME, cache_dir).read_text(), location)
+    missing = missing_data_config(config)
+    if missing:
+        cfg = config["pretrained_cfg"]
+        warnings.warn(
+            f"{location} does not record how its training data was fed (no {', '.join(missing)} in its "
+            f"pretrained_cfg; it was saved by an older coopnets or without data_config), so timm's data config "
+            f"falls back to input_size {cfg.get('input_size', 'default')}, mean {cfg.get('mean', 'default')}, "
+            f"std {cfg.get('std', 'default')}, which may not be what it was trained on. Re-save it with "
+            f"save_pretrained(..., data_config=splits.pretrained_cfg_fields()).",
+            UserWarning, stacklevel=3,
+        )
+    return config
 
 
 def _check_compatible(model: DepthAdaptiveModel, config: Dict[str, Any], location: HubLocation) -> None:

@@ -8,6 +8,7 @@ seed, data) and its measured per-depth numbers. A pretrained tag such as
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List
@@ -29,6 +30,20 @@ def load_manifest() -> List[Dict[str, Any]]:
     return list(json.loads(MANIFEST_PATH.read_text())["checkpoints"])
 
 
+#: ``ORG/NAME@<40-hex commit>``: a record pinned to a pushed commit
+_PINNED = re.compile(r"^[^@\s]+/[^@\s]+@[0-9a-f]{40}$")
+
+
+def is_pinned(hf_hub_id: Any) -> bool:
+    """Whether ``hf_hub_id`` names a pushed commit (``ORG/NAME@SHA``, 40 hex digits), not a branch or nothing.
+
+    Example:
+        >>> is_pinned("org/r18@" + "a" * 40), is_pinned("org/r18@main"), is_pinned("org/r18"), is_pinned(None)
+        (True, False, False, False)
+    """
+    return isinstance(hf_hub_id, str) and bool(_PINNED.match(hf_hub_id))
+
+
 def _preprocessing(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The preprocessing fields of a pretrained cfg or manifest record (lists for sizes and statistics)."""
     return {
@@ -37,6 +52,7 @@ def _preprocessing(cfg: Dict[str, Any]) -> Dict[str, Any]:
         "std": list(cfg["std"]),
         "crop_pct": cfg.get("crop_pct", 1.0),
         "interpolation": cfg.get("interpolation", "bilinear"),
+        **{k: cfg[k] for k in ("crop_mode", "label_names") if k in cfg},
     }
 
 
@@ -44,11 +60,13 @@ def pretrained_cfgs_for(model_name: str) -> Dict[str, Dict[str, Any]]:
     """Pretrained-cfg fields (``{"name.tag": {...}}``) of the manifest's checkpoints of ``model_name``.
 
     The zoo builder (:func:`coopnets.models._builder.zoo_cfgs`) merges them into the
-    entry's default cfg; every record carries its own preprocessing.
+    entry's default cfg; every record carries its own preprocessing. Only records pinned
+    to a pushed commit (:func:`is_pinned`) give a tag, so ``list_models(pretrained=True)``
+    never lists weights that were not published.
     """
     cfgs = {}
     for rec in load_manifest():
-        if rec["model"] != model_name:
+        if rec["model"] != model_name or not is_pinned(rec.get("hf_hub_id")):
             continue
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in _preprocessing(rec).items()}
         cfgs[f"{model_name}.{rec['tag']}"] = {"hf_hub_id": rec["hf_hub_id"], "num_classes": rec["num_classes"], **fields}

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 import safetensors.torch
 import torch
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from ..models.depth_adaptive import DepthAdaptiveModel
 from .card import model_card
@@ -176,7 +176,11 @@ def push_to_hub(
                 folder_path=str(staging), repo_id=repo_id, revision=revision, commit_message=commit_message,
                 allow_patterns=list(CHECKPOINT_FILES),
             )
-        except HfHubHTTPError as e:
+        except OfflineModeIsEnabled as e:
+            raise CheckpointError(
+                f"publishing to {repo_id} needs the Hub but offline mode is on (HF_HUB_OFFLINE=1); unset it and retry."
+            ) from e
+        except (HfHubHTTPError, ConnectionError) as e:
             raise CheckpointError(
                 f"publishing to {repo_id} on {api.endpoint} failed: {e}. Log in (`hf auth login`) or pass a "
                 f"write token (token=... / --token / HF_TOKEN), and check that you may write to that namespace"

@@ -5,14 +5,19 @@
     stratified split (60 / 20 / 20 % train / val / test, ``split_seed`` independent of the
     training seed so every run is scored on the same test images), bilinear resize to the
     model's input size, replicated to 3 channels, normalised with the train split's mean
-    and std.
+    and std. :meth:`DataSplits.pretrained_cfg_fields` records this as a timm data config:
+    an 8x8 digit ``d`` (values 0..16) fed as the RGB image
+    ``Image.fromarray((d * 255 / 16).astype("uint8")).convert("RGB")`` through
+    ``timm.data.create_transform(**cfg)`` gives the training tensors (up to 8-bit rounding).
 
 ``--data-dir PATH`` (ImageFolder)
     ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (plus an optional ``PATH/test``;
     without it the val split doubles as test split), read through timm's
     ``create_dataset`` with transforms from ``resolve_data_config`` /
-    ``create_transform`` (training augmentation on train only). Missing folders, empty
-    splits and splits whose classes differ raise a :class:`DataError` naming the problem.
+    ``create_transform`` (training augmentation on train only; the val/test transform is
+    ``create_transform(**splits.data_config, is_training=False)``, so a checkpoint's
+    recorded config reproduces it by construction). Missing folders, empty splits and
+    splits whose classes differ raise a :class:`DataError` naming the problem.
 
 Example:
     >>> splits = load_data("digits", img_size=16)
@@ -21,19 +26,26 @@ Example:
     >>> x, y = splits.train[0]
     >>> tuple(x.shape)
     (3, 16, 16)
+    >>> cfg = splits.pretrained_cfg_fields()
+    >>> cfg["input_size"], cfg["interpolation"], cfg["crop_pct"], cfg["label_names"][:3], splits.test_split
+    ((3, 16, 16), 'bilinear', 1.0, ['0', '1', '2'], 'test')
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 DATASETS = ("digits",)
 DIGITS_SPLIT = (0.6, 0.2, 0.2)
+#: the timm data-config keys a run records (``timm.data.resolve_data_config`` reads them)
+DATA_CONFIG_FIELDS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 
 
 class DataError(ValueError):
@@ -49,6 +61,10 @@ class DataSplits:
         num_classes: number of classes.
         class_names: class names, index order.
         input_size: ``(C, H, W)`` of every image tensor.
+        data_config: how a raw image becomes an eval tensor, as timm's data config
+            (``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``).
+        test_split: the split ``test`` really is: ``"test"``, or ``"val"`` when the
+            folder has no ``test/`` (then its numbers are validation numbers).
     """
 
     train: Dataset
@@ -57,6 +73,23 @@ class DataSplits:
     num_classes: int
     class_names: List[str]
     input_size: Tuple[int, int, int]
+    data_config: Dict[str, Any]
+    test_split: str = "test"
+
+    @property
+    def test_is_val(self) -> bool:
+        """Whether the test split is the validation split (a folder without ``test/``)."""
+        return self.test_split != "test"
+
+    def pretrained_cfg_fields(self) -> Dict[str, Any]:
+        """What a checkpoint of this data records in its ``pretrained_cfg``: the data config,
+        ``num_classes`` and ``label_names`` (timm's field names).
+
+        ``timm.data.resolve_data_config({}, model=m)`` + ``timm.data.create_transform(**cfg)``
+        on a raw image then reproduces the eval preprocessing of the run.
+        """
+        return {**{k: self.data_config[k] for k in DATA_CONFIG_FIELDS},
+                "num_classes": self.num_classes, "label_names": list(self.class_names)}
 
     def limited(self, limit_train: Optional[int] = None, limit_eval: Optional[int] = None) -> "DataSplits":
         """The first ``limit_*`` samples of each split (for fast tests and smoke runs)."""
@@ -64,9 +97,8 @@ class DataSplits:
         def head(ds: Dataset, n: Optional[int]) -> Dataset:
             return ds if n is None or n >= len(ds) else Subset(ds, range(n))
 
-        return DataSplits(
-            head(self.train, limit_train), head(self.val, limit_eval), head(self.test, limit_eval),
-            self.num_classes, self.class_names, self.input_size,
+        return dataclasses.replace(
+            self, train=head(self.train, limit_train), val=head(self.val, limit_eval), test=head(self.test, limit_eval),
         )
 
 
@@ -97,9 +129,25 @@ def digits_splits(img_size: int = 32, split_seed: int = 0) -> DataSplits:
     def split(ids: List[int]) -> TensorDataset:
         return TensorDataset((x[ids] - mean) / std, y[ids])
 
+    size = (3, img_size, img_size)
+    data_config = {"input_size": size, "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+                   "mean": (float(mean),) * 3, "std": (float(std),) * 3}
     return DataSplits(
-        split(train_idx), split(val_idx), split(test_idx), 10, [str(i) for i in range(10)], (3, img_size, img_size)
+        split(train_idx), split(val_idx), split(test_idx), 10, [str(i) for i in range(10)], size, data_config
     )
+
+
+def digit_image(digit: Any) -> Image.Image:
+    """A raw ``load_digits`` image (8x8, values 0..16) as the RGB PIL image timm's transforms take.
+
+    Example:
+        >>> from sklearn.datasets import load_digits
+        >>> digit_image(load_digits().images[0]).size, digit_image(load_digits().images[0]).mode
+        ((8, 8), 'RGB')
+    """
+    import numpy as np
+
+    return Image.fromarray(np.round(np.asarray(digit, dtype=np.float64) * 255 / 16).astype("uint8")).convert("RGB")
 
 
 def _folder_split(root: Path, split: str, transform, required: bool = True):
@@ -128,7 +176,9 @@ def folder_splits(data_dir: str, img_size: int = 224, pretrained_cfg: Optional[D
     """ImageFolder splits from ``data_dir/{train,val[,test]}`` with timm's transforms.
 
     Normalisation and interpolation come from the model's ``pretrained_cfg`` when given
-    (timm's ``resolve_data_config``), at input size ``img_size``.
+    (timm's ``resolve_data_config``), at input size ``img_size``; the eval transform is
+    ``create_transform(**data_config, is_training=False)`` of the returned ``data_config``.
+    Without ``test/`` the val split is reused as ``test`` and ``test_split`` is ``"val"``.
     """
     from timm.data import create_transform, resolve_data_config
 
@@ -140,7 +190,9 @@ def folder_splits(data_dir: str, img_size: int = 224, pretrained_cfg: Optional[D
     eval_tf = create_transform(**cfg, is_training=False)
     train = _folder_split(root, "train", train_tf)
     val = _folder_split(root, "val", eval_tf)
-    test = _folder_split(root, "test", eval_tf, required=False) or val
+    test = _folder_split(root, "test", eval_tf, required=False)
+    test_split = "test" if test is not None else "val"
+    test = test if test is not None else val
     names = _classes(train)
     for split, ds in (("val", val), ("test", test)):
         if _classes(ds) != names:
@@ -148,7 +200,8 @@ def folder_splits(data_dir: str, img_size: int = 224, pretrained_cfg: Optional[D
                 f"Class folders differ between train/ and {split}/ in {root}: "
                 f"train has {names}, {split} has {_classes(ds)}."
             )
-    return DataSplits(train, val, test, len(names), names, tuple(cfg["input_size"]))
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in DATA_CONFIG_FIELDS}
+    return DataSplits(train, val, test, len(names), names, tuple(cfg["input_size"]), data_config, test_split)
 
 
 def load_data(

@@ -2,7 +2,10 @@
 
 ``metrics.jsonl`` holds one JSON line per epoch and a final line (``"final": true``);
 ``results.md`` is the per-depth table (:func:`coopnets.inference.profiler.format_table`)
-and ``results.png`` test accuracy against FLOPs, one point per depth.
+and ``results.png`` accuracy against FLOPs, one point per depth, titled with model,
+method, data and split, with the run's plain reference nets (``info["reference_test_accuracy"]``)
+as horizontal lines. When the folder had no ``test/`` (``info["test_split"] == "val"``)
+both say "validation": the split that picked the deployed net is never called "test".
 
 Example:
     >>> import tempfile
@@ -55,20 +58,47 @@ def epoch_line(r: Mapping[str, Any]) -> str:
 def write_results(out: Path, info: Mapping[str, Any], rows: List[Dict[str, Any]], about: str) -> str:
     """Write the per-depth table (``results.md``) and accuracy-vs-FLOPs plot (``results.png``); returns the report."""
     table = format_table(rows, extra=("accuracy", *[k for k in rows[0] if k.startswith("acc ")]))
+    split = split_name(info)
+    note = ("" if split == "test" else
+            f" The data has no test split: accuracies are on the validation split, which also picked the deployed net, "
+            f"so they are optimistic.")
     report = (
         f"# {info['method']} training of {info['model']} on {info['dataset']}\n\n"
-        f"{info['epochs']} epochs, seed {info['seed']}, training wall time {info['wall_time_s']:.0f} s. {about}\n\n"
+        f"{info['epochs']} epochs, seed {info['seed']}, training wall time {info['wall_time_s']:.0f} s. {about}{note}\n\n"
         f"{table}\n"
     )
     (out / "results.md").write_text(report)
-    plot_accuracy_vs_flops(rows, info["test_accuracy"], info["deployable"], out / "results.png")
+    title = f"{info['model']}, {info['method']} on {Path(str(info['dataset'])).name}: {split} split"
+    plot_accuracy_vs_flops(rows, info["test_accuracy"], info["deployable"], out / "results.png", title=title,
+                           references=info.get("reference_test_accuracy"), split=split)
     return report
 
 
+def split_name(info: Mapping[str, Any]) -> str:
+    """The split the reported accuracies are on, in words: ``"test"`` or ``"validation"``.
+
+    Example:
+        >>> split_name({"test_split": "val"}), split_name({})
+        ('validation', 'test')
+    """
+    return "test" if info.get("test_split", "test") == "test" else "validation"
+
+
 def plot_accuracy_vs_flops(
-    rows: List[Dict[str, Any]], test: Mapping[str, List[float]], best: Optional[str], path: Path
-) -> None:
-    """Test accuracy against GFLOPs, one point per depth, one line per eval net (``best`` drawn as deployed)."""
+    rows: List[Dict[str, Any]], test: Mapping[str, List[float]], best: Optional[str], path: Path,
+    title: str = "", references: Optional[Mapping[str, float]] = None, split: str = "test",
+) -> List[str]:
+    """Accuracy against GFLOPs, one point per depth, one line per eval net (``best`` drawn as
+    deployed), each reference net (``references``: name -> accuracy of a plain net) a
+    horizontal line with a marker at full-depth FLOPs; returns the legend labels.
+
+    Example:
+        >>> import tempfile
+        >>> rows = [{"depth": 1, "flops": 1e8}, {"depth": 2, "flops": 2e8}]
+        >>> plot_accuracy_vs_flops(rows, {"net": [0.5, 0.7]}, "net", Path(tempfile.mkdtemp()) / "r.png",
+        ...                        title="m, cooperative on digits: test split", references={"leader": 0.8})
+        ['net (deployed)', 'leader (reference)']
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,10 +110,17 @@ def plot_accuracy_vs_flops(
         ax.plot(flops, acc, "o-" if name == best else "s--", label=f"{name}{' (deployed)' if name == best else ''}")
         for d, (f, a) in enumerate(zip(flops, acc), 1):
             ax.annotate(str(d), (f, a), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    for name, acc in (references or {}).items():
+        ax.axhline(acc, color="gray", linestyle=":", linewidth=1)
+        ax.plot([flops[-1]], [acc], "*", markersize=9, label=f"{name} (reference)")
     ax.set_xlabel("GFLOPs per image")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"{split} accuracy")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
     plt.close(fig)
+    return labels
