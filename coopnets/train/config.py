@@ -8,9 +8,21 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import shlex
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
+
+#: fields a ``--resume`` may change: they do not alter what the run computes (``epochs``
+#: only extends or shortens the schedule; the others are where/how fast it runs and what
+#: it prints). Everything else (model, data, optimiser, seed, recipe...) would make the
+#: resumed run a different run than its checkpoint's.
+RESUME_MAY_CHANGE = frozenset({"epochs", "workers", "progress", "device", "profile_repeats", "resume"})
+
+#: timm train.py's ``--clip-mode`` choices and the AMP dtypes
+CLIP_MODES = ("norm", "value", "agc")
+AMP_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass
@@ -28,6 +40,14 @@ class TrainConfig:
             first N samples (smoke tests). workers: DataLoader workers. device: force a
             device. profile_repeats: timed passes per depth in the final table.
         progress: show progress bars.
+        pretrained: start the backbone(s) from timm's pretrained weights (``--pretrained``).
+        initial_checkpoint: a coopnets checkpoint (``local-dir:``/``hf-hub:`` or a folder) to start from.
+        num_classes: classes of the nets (None: the dataset's); classifiers are re-initialised
+            when a start checkpoint has another number.
+        model_kwargs: extra ``timm.create_model`` keyword arguments (``drop_path_rate``...).
+        momentum, clip_grad, clip_mode, min_lr, warmup_lr, decay_epochs, decay_rate,
+            layer_decay, smoothing, mixup, cutmix, grad_accum_steps, channels_last,
+            amp_dtype: as timm's ``train.py`` options of the same names.
     """
 
     out: str = "runs/default"
@@ -55,6 +75,78 @@ class TrainConfig:
     device: Optional[str] = None
     profile_repeats: int = 10
     progress: bool = True
+    pretrained: bool = False
+    initial_checkpoint: Optional[str] = None
+    num_classes: Optional[int] = None
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    momentum: float = 0.9
+    clip_grad: Optional[float] = None
+    clip_mode: str = "norm"
+    min_lr: float = 0.0
+    warmup_lr: float = 1e-5
+    decay_epochs: float = 90.0
+    decay_rate: float = 0.1
+    layer_decay: Optional[float] = None
+    smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    grad_accum_steps: int = 1
+    channels_last: bool = False
+    amp_dtype: str = "float16"
+
+    def check(self) -> None:
+        """Raise ``ValueError`` (one line, every problem) when a value is out of range.
+
+        Called before a run touches its folder.
+
+        Example:
+            >>> TrainConfig(epochs=0, lr=-1).check()
+            Traceback (most recent call last):
+            ...
+            ValueError: invalid settings: --epochs must be > 0 (got 0); --lr must be >= 0 (got -1)
+        """
+        problems: List[str] = []
+
+        def need(name: str, ok: bool, rule: str) -> None:
+            if not ok:
+                problems.append(f"--{name.replace('_', '-')} must be {rule} (got {getattr(self, name)})")
+
+        for name in ("epochs", "img_size", "batch_size", "profile_repeats", "grad_accum_steps"):
+            need(name, getattr(self, name) > 0, "> 0")
+        for name in ("lr", "weight_decay", "warmup_epochs", "workers", "min_lr", "warmup_lr", "momentum",
+                     "smoothing", "mixup", "cutmix", "decay_rate"):
+            value = getattr(self, name)
+            need(name, value >= 0 and math.isfinite(value), ">= 0")
+        for name in ("limit_train", "limit_eval", "num_classes", "clip_grad", "layer_decay"):
+            value = getattr(self, name)
+            need(name, value is None or value > 0, "> 0")
+        need("smoothing", self.smoothing < 1, "< 1")
+        need("decay_epochs", self.decay_epochs > 0, "> 0")
+        need("clip_mode", self.clip_mode in CLIP_MODES, f"one of {', '.join(CLIP_MODES)}")
+        need("amp_dtype", self.amp_dtype in AMP_DTYPES, f"one of {', '.join(AMP_DTYPES)}")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            problems.append(f"--batch-size must be even with --mixup/--cutmix (got {self.batch_size})")
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+    def differences(self, saved: Mapping[str, Any]) -> List[str]:
+        """Fields (as flags) where this config differs from a saved ``config.json``, ignoring
+        :data:`RESUME_MAY_CHANGE`. Fields the saved file lacks (older runs) count as their defaults.
+
+        Example:
+            >>> TrainConfig(lr=0.1, epochs=5).differences({"lr": 0.05, "epochs": 3})
+            ['--lr 0.1 (saved 0.05)']
+        """
+        mine = json.loads(json.dumps(dataclasses.asdict(self)))
+        default = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
+        out: List[str] = []
+        for name, value in mine.items():
+            if name in RESUME_MAY_CHANGE:
+                continue
+            before = saved.get(name, default[name])
+            if value != before:
+                out.append(f"--{name.replace('_', '-')} {value} (saved {before})")
+        return out
 
     def command(self, world_size: int = 1) -> str:
         """The ``coopnets train`` command line that reproduces this config, without ``--resume``.
@@ -72,7 +164,7 @@ class TrainConfig:
         flags: List[str] = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if (value == getattr(default, f.name) and f.name not in always) or f.name in ("recipe_opts", "resume"):
+            if (value == getattr(default, f.name) and f.name not in always) or f.name in ("recipe_opts", "model_kwargs", "resume"):
                 continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):
@@ -81,5 +173,7 @@ class TrainConfig:
                 flags += [flag, shlex.quote(str(value))]
         for key, value in self.recipe_opts.items():  # strings as they are, other values as Python literals
             flags += ["--recipe-opt", shlex.quote(f"{key}={value if isinstance(value, str) else repr(value)}")]
+        for key, value in self.model_kwargs.items():
+            flags += ["--model-kwargs", shlex.quote(f"{key}={value if isinstance(value, str) else repr(value)}")]
         launcher = "coopnets train" if world_size == 1 else f"torchrun --nproc_per_node={world_size} -m coopnets.train"
         return " ".join([launcher, *flags])

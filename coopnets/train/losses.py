@@ -1,6 +1,7 @@
 """Loss terms shared by every training recipe (each exists once, here).
 
-* :func:`ce` -- cross-entropy on labels.
+* :func:`ce` -- cross-entropy on labels: integer labels, or soft targets (one row of
+  class probabilities per sample, as timm's ``Mixup``/CutMix and label smoothing give).
 * :func:`kd` -- temperature-scaled KL divergence from a (detached) teacher's
   distribution to a student's, multiplied by ``T**2`` so gradients keep their scale
   (Hinton et al.).
@@ -23,7 +24,18 @@ import torch.nn.functional as F
 
 
 def ce(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of ``logits`` against integer labels ``target``."""
+    """Cross-entropy of ``logits`` against integer labels ``target`` (N,) or soft targets (N, C).
+
+    Soft targets give timm's ``SoftTargetCrossEntropy`` (``sum(-target * log_softmax)``,
+    batch mean); ``label_smoothing`` applies to both kinds.
+
+    Example:
+        >>> z, y = torch.randn(3, 5), torch.tensor([0, 4, 2])
+        >>> torch.allclose(ce(z, y, 0.1), ce(z, F.one_hot(y, 5).float(), 0.1))
+        True
+    """
+    if target.dim() == logits.dim():
+        return F.cross_entropy(logits, target.to(logits.dtype), label_smoothing=label_smoothing)
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
 
 

@@ -23,7 +23,11 @@ from .trainer import Trainer
 
 
 def train(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
-    """Run ``cfg`` to completion; the summary is empty on ranks other than 0."""
+    """Run ``cfg`` to completion; the summary is empty on ranks other than 0.
+
+    Invalid settings raise ``ValueError`` before the run folder is touched.
+    """
+    cfg.check()
     recipe_cls = RECIPES.get(cfg.method)
     if recipe_cls is not None and recipe_cls.runs_per_depth(cfg.recipe_opts):
         return train_each_depth(cfg, echo)

@@ -11,7 +11,7 @@ Example:
     >>> a = torch.rand(2)
     >>> folder = Path(tempfile.mkdtemp())
     >>> save_atomic({"rng": state}, folder / CHECKPOINT)
-    >>> set_rng_state(load_checkpoint(folder / CHECKPOINT)["rng"])
+    >>> set_rng_state(torch.load(folder / CHECKPOINT, weights_only=True)["rng"])
     >>> torch.equal(torch.rand(2), a)
     True
 """
@@ -74,9 +74,32 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: what every checkpoint written by the trainer holds
+CHECKPOINT_KEYS = ("recipe", "optimizer", "scheduler", "scaler", "epoch", "elapsed_s", "val_accuracy", "rng")
+
+
+class CheckpointReadError(ValueError):
+    """A ``last.pth`` that cannot be read or is not a coopnets training checkpoint (one-line message)."""
+
+
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """Load a checkpoint written by the trainer (``weights_only=True``: tensors and plain data only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint written by the trainer (``weights_only=True``: tensors and plain data only).
+
+    A truncated, corrupt or foreign file raises :class:`CheckpointReadError` naming the
+    file and what to do, never a traceback of pickle internals.
+    """
+    advice = f"restore {path} from a copy or start a new run with another --out"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, unsafe globals...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointReadError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason[:200]}); "
+                                  f"it is truncated or not a coopnets checkpoint: {advice}.") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointReadError(f"{path} is not a coopnets training checkpoint (missing {', '.join(missing)}): "
+                                  f"{advice}.")
+    return state
 
 
 def prepare_run_dir(out: Path, resume: bool) -> Optional[Path]:
@@ -90,6 +113,8 @@ def prepare_run_dir(out: Path, resume: bool) -> Optional[Path]:
         True
     """
     ckpt = out / CHECKPOINT
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a run folder; choose another --out.")
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint {ckpt} to resume from.")
     if not resume and ckpt.exists():

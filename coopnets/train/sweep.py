@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -19,7 +20,8 @@ from .build import count_depths
 from .config import TrainConfig
 from .report import write_results
 from .state import CHECKPOINT
-from .trainer import Trainer
+from .state import load_checkpoint
+from .trainer import Trainer, check_resume
 
 ABOUT = ("One run per depth (`depth{d}/`), each training only that depth's truncated network; `accuracy` at "
          "depth d is run d's test accuracy, the wall time is the sum over runs. Each run's own `model/` holds its "
@@ -40,11 +42,16 @@ def train_each_depth(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
     """
     out = Path(cfg.out)
     num_depths = count_depths(cfg.model, cfg.plan)
+    subs = [dataclasses.replace(cfg, out=str(out / f"depth{d}"), recipe_opts={**cfg.recipe_opts, "depth": d},
+                                resume=cfg.resume and (out / f"depth{d}" / CHECKPOINT).is_file())
+            for d in range(1, num_depths + 1)]
+    for sub in subs:  # refuse before any run starts (or rewrites a finished one)
+        if sub.resume:
+            check_resume(sub, Path(sub.out), int(os.environ.get("WORLD_SIZE", "1")))
+            load_checkpoint(Path(sub.out) / CHECKPOINT)
     summaries: List[Dict[str, Any]] = []
-    for depth in range(1, num_depths + 1):
-        run_dir = out / f"depth{depth}"
-        sub = dataclasses.replace(cfg, out=str(run_dir), recipe_opts={**cfg.recipe_opts, "depth": depth},
-                                  resume=cfg.resume and (run_dir / CHECKPOINT).is_file())
+    for depth, sub in enumerate(subs, start=1):
+        run_dir = Path(sub.out)
         trainer = Trainer(sub, echo=echo)
         trainer.log(f"{cfg.method}: run for depth {depth} of {num_depths} -> {run_dir}")
         summaries.append(trainer.fit())

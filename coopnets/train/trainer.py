@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -43,6 +44,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
+from timm.data.mixup import Mixup, mixup_target
+from timm.utils import dispatch_clip_grad
 from tqdm.auto import tqdm
 
 from ..hub import save_pretrained, write_safetensors
@@ -54,7 +57,34 @@ from .config import TrainConfig
 from .data import DataSplits, load_data
 from .recipe import Recipe, RecipeOutput, create_recipe
 from .report import METRICS, append_jsonl, epoch_line, truncate_metrics, write_json, write_results
-from .state import CHECKPOINT, load_checkpoint, prepare_run_dir, rng_state, save_atomic, seed_everything, set_rng_state
+from .state import (CHECKPOINT, CheckpointReadError, load_checkpoint, prepare_run_dir, rng_state, save_atomic,
+                    seed_everything, set_rng_state)
+
+#: the run's settings, in its run folder
+CONFIG = "config.json"
+
+
+def check_resume(cfg: TrainConfig, out: Path, world_size: int = 1) -> None:
+    """Refuse (``ValueError``, one line) a resume whose settings differ from ``out/config.json``.
+
+    Only :data:`~coopnets.train.config.RESUME_MAY_CHANGE` may change; the world size may
+    not either (``batch_size`` is per process, so it would change the global batch).
+    A run folder without ``config.json`` (older runs) is not checked here.
+    """
+    path = out / CONFIG
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: cannot read {path} ({e}); restore it or start a new run with another --out.") from None
+    diffs = cfg.differences(saved)
+    if saved.get("world_size", world_size) != world_size:
+        diffs.append(f"world size {world_size} (saved {saved['world_size']})")
+    if diffs:
+        raise ValueError(f"--resume: settings differ from {path}: {'; '.join(diffs)}. Only --epochs, --workers, "
+                         f"--no-progress, --device and --profile-repeats may change on resume; repeat the run's "
+                         f"command ({path} 'command') or start a new run with another --out.")
 
 
 @torch.inference_mode()
@@ -84,26 +114,46 @@ class Trainer:
         self.dist = ddp.init_distributed(cfg.device)
         self.echo = echo and self.dist.is_main
         self.out = Path(cfg.out)
+        cfg.check()
         resume_from = prepare_run_dir(self.out, cfg.resume)
+        saved: Optional[Dict[str, Any]] = None
+        if resume_from is not None:  # every check before anything is built or written
+            check_resume(cfg, self.out, self.dist.world_size)
+            saved = load_checkpoint(resume_from)
         seed_everything(cfg.seed, cfg.deterministic)
         pretrained_cfg = None if cfg.data_dir is None else timm_pretrained_cfg(cfg.model)
         self.data: DataSplits = load_data(cfg.dataset, cfg.data_dir, cfg.img_size, pretrained_cfg).limited(
             cfg.limit_train, cfg.limit_eval
         )
-        self.recipe: Recipe = create_recipe(
-            cfg.method, model_factory(cfg.model, self.data.num_classes, cfg.plan), cfg.recipe_opts
-        ).to(self.dist.device)
+        num_classes = cfg.num_classes or self.data.num_classes
+        if num_classes < self.data.num_classes:
+            raise ValueError(f"--num-classes {num_classes} is below the dataset's {self.data.num_classes} classes.")
+        factory = model_factory(cfg.model, num_classes, cfg.plan, pretrained=cfg.pretrained,
+                                model_kwargs=cfg.model_kwargs, img_size=cfg.img_size,
+                                initial_checkpoint=cfg.initial_checkpoint)
+        self.recipe: Recipe = create_recipe(cfg.method, factory, cfg.recipe_opts).to(self.dist.device)
+        if cfg.channels_last:
+            self.recipe.to(memory_format=torch.channels_last)
         self.optimizer, self.scheduler = create_optimization(self.recipe, cfg)
-        self.use_amp = cfg.amp and self.dist.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        dev_type = self.dist.device.type
+        self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+        # float16 autocast on CUDA only (as before); bfloat16 wherever autocast supports it (CUDA, CPU)
+        self.use_amp = cfg.amp and (dev_type == "cuda" or (self.amp_dtype == torch.bfloat16 and dev_type == "cpu"))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and dev_type == "cuda"
+                                           and self.amp_dtype == torch.float16)
+        self.num_classes = num_classes
+        self.mixup: Optional[Mixup] = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                               num_classes=num_classes)
         self.sampler = DistributedSampler(
             self.data.train, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=cfg.seed
         )
         self.train_loader = make_loader(self.data.train, cfg.batch_size, cfg.workers, self.sampler)
         self.val_loader = make_loader(self.data.val, cfg.batch_size, cfg.workers)
         self.start_epoch, self.elapsed, self.val_acc = 0, 0.0, {}
-        if resume_from is not None:
-            self._restore(load_checkpoint(resume_from))
+        if saved is not None:
+            self._restore(saved, resume_from)
         self.model = self.recipe
         if self.dist.distributed:
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
@@ -119,11 +169,16 @@ class Trainer:
             "epoch": epoch, "elapsed_s": self.elapsed, "val_accuracy": self.val_acc, "rng": rng_state(),
         }
 
-    def _restore(self, state: Dict[str, Any]) -> None:
-        self.recipe.load_state_dict(state["recipe"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+    def _restore(self, state: Dict[str, Any], path: Path) -> None:
+        try:
+            self.recipe.load_state_dict(state["recipe"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointReadError(f"{path} does not fit this run's nets or optimizer ({first[:200]}); resume "
+                                      f"with the run's own settings or start a new run with another --out.") from None
         self.start_epoch, self.elapsed, self.val_acc = state["epoch"], state["elapsed_s"], state["val_accuracy"]
         set_rng_state(state["rng"])
         if self.dist.is_main:
@@ -134,15 +189,30 @@ class Trainer:
             tqdm.write(text)
 
     # --- epochs ---------------------------------------------------------------------
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> RecipeOutput:
-        """One optimizer step on a batch (mixed precision when enabled); returns the recipe's output."""
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
+    def _targets(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        """Inputs and training targets: timm's Mixup/CutMix (soft targets), label smoothing as
+        soft targets, else the integer labels."""
+        if self.mixup is not None:
+            return self.mixup(x, y)
+        if self.cfg.smoothing > 0:
+            return x, mixup_target(y, self.num_classes, smoothing=self.cfg.smoothing)
+        return x, y
+
+    def _step(self, x: torch.Tensor, target: torch.Tensor, update: bool) -> RecipeOutput:
+        """Forward/backward on a batch (mixed precision when enabled; loss divided by
+        ``grad_accum_steps``); with ``update`` also clip and step. Returns the recipe's output."""
+        autocast = torch.autocast(self.dist.device.type, dtype=self.amp_dtype) if self.use_amp else nullcontext()
         with autocast:
-            out = self.model(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out.loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            out = self.model(x, target)
+        self.scaler.scale(out.loss / self.cfg.grad_accum_steps).backward()
+        if update:
+            if self.cfg.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)
+                dispatch_clip_grad([p for p in self.recipe.parameters() if p.requires_grad],
+                                   self.cfg.clip_grad, mode=self.cfg.clip_mode)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         return out
 
     def train_epoch(self, epoch: int) -> Dict[str, Any]:
@@ -154,9 +224,14 @@ class Trainer:
         names: List[str] = []
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not (self.cfg.progress and self.dist.is_main), dynamic_ncols=True)
-        for x, y in bar:
+        self.optimizer.zero_grad(set_to_none=True)
+        last = len(self.train_loader) - 1
+        for i, (x, y) in enumerate(bar):
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            out = self._step(x, y)
+            if self.cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x, target = self._targets(x, y)
+            out = self._step(x, target, update=(i + 1) % self.cfg.grad_accum_steps == 0 or i == last)
             n = len(y)
             names = names or sorted(out.terms)
             row = torch.tensor(
@@ -185,7 +260,8 @@ class Trainer:
         """Train the remaining epochs, then write the final table and models. Returns the summary (rank 0)."""
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "config.json", {**dataclasses.asdict(self.cfg), "world_size": self.dist.world_size})
+            write_json(self.out / CONFIG, {**dataclasses.asdict(self.cfg), "world_size": self.dist.world_size,
+                                           "command": self.cfg.command(self.dist.world_size)})
         for epoch in range(self.start_epoch, self.cfg.epochs):
             start = time.perf_counter()
             stats = self.train_epoch(epoch)
@@ -220,7 +296,8 @@ class Trainer:
             r.update({f"acc {name}": acc[r["depth"] - 1] for name, acc in test.items() if name != best})
         info = {"method": self.cfg.method, "model": self.cfg.model, "dataset": self.cfg.data_dir or self.cfg.dataset,
                 "epochs": self.cfg.epochs, "seed": self.cfg.seed, "command": self.cfg.command(self.dist.world_size),
-                "deployable": best, "wall_time_s": self.elapsed, "val_accuracy": self.val_acc, "test_accuracy": test}
+                "deployable": best, "wall_time_s": self.elapsed, "val_accuracy": self.val_acc, "test_accuracy": test,
+                "test_split": self.data.test_split}
         about = (f"Deployable net: **{best}** (best mean val accuracy over depths). `accuracy` is its test accuracy "
                  f"per depth; `acc NAME` columns are the other nets'.")
         if references:
@@ -228,7 +305,8 @@ class Trainer:
             about += " Plain networks trained in the same run, test accuracy: " + ", ".join(
                 f"{name} {acc:.4f}" for name, acc in references.items()) + "."
         report = write_results(self.out, info, rows, about)
-        save_pretrained(nets[best], self.out / "model", per_depth=rows, training=info)
+        save_pretrained(nets[best], self.out / "model", per_depth=rows, training=info,
+                        data_config=self.data.pretrained_cfg_fields())
         for name, child in self.recipe.named_children():
             if child is not nets[best]:
                 write_safetensors(child.state_dict(), self.out / f"{name}.safetensors")

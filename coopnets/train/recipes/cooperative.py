@@ -39,6 +39,19 @@ Teammates' backbone so that the method is architecture-agnostic out of the box; 
 sub-network kind follows the Teammates' depth plan (``exits`` or ``blocks``). Every choice
 is a field of :class:`CooperativeConfig`.
 
+Pretrained starts (``--pretrained``). The model factory then builds every Teammate
+from timm's pretrained backbone weights, and the Leader (:func:`build_leader`) starts
+from the same weights (its own timm weights when ``leader`` names another model). Both
+Teammates therefore share the same backbone start; we keep it that way rather than
+perturbing or re-initialising one of them: the point of a pretrained start is to
+transfer those features, and any perturbation only costs accuracy. The Teammates still
+differ, because their exit heads and classifiers (re-initialised for the new classes)
+are independent random draws and keep distilling into each other. ``fixed_leader=True``
+makes the Leader a fixed teacher: always in eval mode, ``requires_grad=False``, so it
+has no optimizer state (none is stored in ``last.pth``) and its CE term is only logged.
+A fixed Leader is only a useful teacher when its weights already solve the task (e.g. a
+backbone whose pretrained classifier matches the dataset's classes).
+
 Example:
     >>> import torch, coopnets
     >>> from coopnets.train import create_recipe
@@ -49,6 +62,7 @@ Example:
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -72,6 +86,7 @@ class CooperativeConfig(RecipeConfig):
         w_leader_kd: weight of KD Leader -> Teammate full depth.
         w_self_kd: weight of KD Teammate full depth -> each of its shallower depths.
         w_mutual_kd: weight of KD Teammate <-> Teammate at each matching depth.
+        fixed_leader: the Leader is a fixed teacher (eval mode, frozen, not optimised).
     """
 
     leader: Optional[str] = None
@@ -81,10 +96,13 @@ class CooperativeConfig(RecipeConfig):
     w_leader_kd: float = 0.25
     w_self_kd: float = 0.25
     w_mutual_kd: float = 0.25
+    fixed_leader: bool = False
 
 
-def build_leader(teammate: DepthAdaptiveModel, name: Optional[str] = None) -> nn.Module:
+def build_leader(teammate: DepthAdaptiveModel, name: Optional[str] = None, pretrained: bool = False) -> nn.Module:
     """A plain timm classifier for ``teammate``'s classes: its own backbone by default, else ``name``.
+
+    ``pretrained``: start from timm's pretrained weights (the Teammates' own, by default).
 
     Example:
         >>> import coopnets
@@ -92,7 +110,8 @@ def build_leader(teammate: DepthAdaptiveModel, name: Optional[str] = None) -> nn
         3
     """
     kwargs = dict(teammate.backbone_kwargs) if name in (None, teammate.backbone_name) else {"in_chans": teammate.in_chans}
-    return create_backbone(name or teammate.backbone_name, num_classes=teammate.num_classes, **kwargs)
+    return create_backbone(name or teammate.backbone_name, num_classes=teammate.num_classes, pretrained=pretrained,
+                           **kwargs)
 
 
 @register_recipe
@@ -106,7 +125,16 @@ class Cooperative(Recipe):
         super().__init__(model_fn, config)
         self.teammate_a = model_fn()
         self.teammate_b = model_fn()
-        self.leader = build_leader(self.teammate_a, self.config.leader)
+        self.leader = build_leader(self.teammate_a, self.config.leader, getattr(model_fn, "pretrained", False))
+        if self.config.fixed_leader:
+            self.leader.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "Cooperative":
+        """As ``nn.Module.train``, but a fixed Leader stays in eval mode."""
+        super().train(mode)
+        if self.config.fixed_leader:
+            self.leader.eval()
+        return self
 
     def _teammate_terms(self, logits: List[torch.Tensor], leader: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         """CE / KD terms of one Teammate: labels, Leader -> full depth, full depth -> sub-depths."""
@@ -121,14 +149,15 @@ class Cooperative(Recipe):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> RecipeOutput:
         c = self.config
-        leader = self.leader(x)
+        with torch.no_grad() if c.fixed_leader else nullcontext():
+            leader = self.leader(x)
         za, zb = self.teammate_a.forward_exits(x), self.teammate_b.forward_exits(x)
         ta, tb = self._teammate_terms(za, leader, y), self._teammate_terms(zb, leader, y)
         terms = {k: ta[k] + tb[k] for k in ta}
         terms["ce_leader"] = ce(leader, y, c.label_smoothing)
         terms["kd_mutual"] = sum(kd(a, b, c.temperature) + kd(b, a, c.temperature) for a, b in zip(za, zb))
         weights = {"ce_full": 1.0, "ce_sub": c.w_sub_ce, "kd_leader": c.w_leader_kd, "kd_self": c.w_self_kd,
-                   "ce_leader": c.w_leader_ce, "kd_mutual": c.w_mutual_kd}
+                   "ce_leader": 0.0 if c.fixed_leader else c.w_leader_ce, "kd_mutual": c.w_mutual_kd}
         loss = sum(weights[k] * v for k, v in terms.items())
         return RecipeOutput(loss, za, {k: v.detach().item() for k, v in terms.items()})
 
