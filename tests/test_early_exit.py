@@ -88,8 +88,8 @@ def test_bad_input():
         check_thresholds("confidence", [0.5, 0.5], 3)
 
 
-def test_blocks_plan_and_no_layout_rejected():
+def test_blocks_plan_rejected_and_no_layout_uses_segments():
     with pytest.raises(ValueError, match="plan='exits'"):
         EarlyExit(coopnets.wrap("test_resnet", num_classes=10, plan="blocks"))
-    with pytest.raises(NotImplementedError, match="Supported backbone classes"):
-        EarlyExit(coopnets.wrap("test_byobnet", num_classes=10))
+    assert not EarlyExit(coopnets.wrap("test_byobnet", num_classes=10), image_size=(3, 64, 64)).uses_layout
+    assert EarlyExit(coopnets.wrap("test_resnet", num_classes=10)).uses_layout

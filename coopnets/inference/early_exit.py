@@ -1,7 +1,10 @@
 """Early exit on a batch that really saves compute: per-sample exits with batch compaction.
 
 :class:`EarlyExit` runs a depth-adaptive model (``exits`` plan) stage by stage through
-its :class:`~coopnets.models.layouts.StageLayout`. After each stage it evaluates that
+its hand-written :class:`~coopnets.models.layouts.StageLayout` when the family has one,
+else through generic segments cut from the backbone's traced graph at the exits
+(:mod:`coopnets.models.segments`; every live value, skip connections included, is
+compacted). After each stage it evaluates that
 stage's exit head; the samples whose exit meets the criterion leave with those logits,
 and only the remaining samples (``index_select`` on the batch dimension) run the next
 stages. The last depth (the backbone's own head) takes whatever is left.
@@ -52,8 +55,9 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..models.layouts import Position
+from ..models.layouts import LAYOUT_FAMILIES, Position, get_layout
 from ..models.plans import ExitsPlan
+from ..models.segments import build_segments
 
 CRITERIA = ("confidence", "entropy", "patience")
 Threshold = Union[float, int, Sequence[Union[float, int]]]
@@ -207,44 +211,15 @@ def simulate(
     return EarlyExitResult(logits=logits, exit_depths=depths, flops=flops, depth_flops=costs)
 
 
-class EarlyExit:
-    """Batched early exit with compaction for a depth-adaptive model (``exits`` plan).
+class _LayoutRunner:
+    """The hand-written :class:`~coopnets.models.layouts.StageLayout` path (fast, any image size),
+    with the interface of :class:`~coopnets.models.segments.SegmentRunner`."""
 
-    Args:
-        model: a :class:`~coopnets.DepthAdaptiveModel` with ``plan="exits"`` whose
-            backbone family has a stage layout (ResNet, ConvNeXt, EfficientNet,
-            MobileNetV3, RegNet, ViT, Swin).
-        criterion: ``"confidence"``, ``"entropy"`` or ``"patience"``.
-        threshold: one threshold for every exit head, or one per exit head
-            (``model.num_depths - 1`` values).
+    size_specific = False
 
-    Example:
-        >>> import torch, coopnets
-        >>> m = coopnets.create_model("coop_resnet18", num_classes=10).eval()
-        >>> out = coopnets.EarlyExit(m, "patience", threshold=1)(torch.randn(2, 3, 64, 64))
-        >>> bool((out.exit_depths >= 2).all())  # patience 1 needs two agreeing exits
-        True
-    """
-
-    def __init__(self, model: DepthAdaptiveModel, criterion: str = "confidence", threshold: Threshold = 0.9) -> None:
-        if not isinstance(model.depth_plan, ExitsPlan):
-            raise ValueError(
-                f"Early exit needs plan='exits' (an exit head after each stage); this model uses "
-                f"plan={model.plan!r}, whose depths all run every stage, so leaving early saves nothing."
-            )
-        self.model = model
-        self.layout = model.layout  # raises a clear error for families without a layout
-        self.policy = ExitPolicy(criterion, threshold, model.num_depths - 1)
+    def __init__(self, model: DepthAdaptiveModel, layout) -> None:
+        self.model, self.layout = model, layout
         self.stops: List[Position] = [self._position(i) for i in model.exit_indices]
-        self._costs: Dict[Tuple[int, ...], List[int]] = {}
-
-    @property
-    def criterion(self) -> str:
-        return self.policy.criterion
-
-    @property
-    def thresholds(self) -> List[float]:
-        return list(self.policy.thresholds)
 
     def _position(self, feature_index: int) -> Position:
         pos = self.layout.feature_ends[feature_index]
@@ -255,16 +230,123 @@ class EarlyExit:
             )
         return pos
 
+    def start(self, x: torch.Tensor) -> dict:
+        return {"h": self.layout.stem(x), "start": (0, 0), "hw": tuple(x.shape[-2:])}
+
+    def advance(self, env: dict, k: int) -> Tuple[dict, torch.Tensor]:
+        stop = self.stops[k]
+        h = self.layout.run(env["h"], env["start"], stop)
+        return {"h": h, "start": stop, "hw": env["hw"]}, self.layout.to_nchw(h, env["hw"])
+
+    def finish(self, env: dict) -> torch.Tensor:
+        layout = self.layout
+        return self.model.backbone.forward_head(layout.finish(layout.run(env["h"], env["start"], layout.end)))
+
+    def compact(self, env: dict, keep: torch.Tensor) -> dict:
+        return dict(env, h=env["h"].index_select(0, keep))
+
+
+class EarlyExit:
+    """Batched early exit with compaction for a depth-adaptive model (``exits`` plan).
+
+    Backbones with a hand-written stage layout (ResNet, ConvNeXt, EfficientNet,
+    MobileNetV3, RegNet, ViT, Swin) run through it; every other backbone runs through
+    generic segments cut from its traced graph at the exits
+    (:func:`~coopnets.models.segments.build_segments`), built at construction for
+    ``image_size`` and, when the trace fixed the spatial size, again for each new size.
+
+    Args:
+        model: a :class:`~coopnets.DepthAdaptiveModel` with ``plan="exits"``.
+        criterion: ``"confidence"``, ``"entropy"`` or ``"patience"``.
+        threshold: one threshold for every exit head, or one per exit head
+            (``model.num_depths - 1`` values).
+        image_size: (C, H, W) the segments are built and checked at (default: the
+            model's ``input_size``); unused with a stage layout.
+
+    Raises:
+        ValueError: the model is not an ``exits``-plan model, or it has no stage layout
+            and its backbone cannot be cut into segments (the sentence says why).
+
+    Example:
+        >>> import torch, coopnets
+        >>> m = coopnets.create_model("coop_resnet18", num_classes=10).eval()
+        >>> out = coopnets.EarlyExit(m, "patience", threshold=1)(torch.randn(2, 3, 64, 64))
+        >>> bool((out.exit_depths >= 2).all())  # patience 1 needs two agreeing exits
+        True
+    """
+
+    def __init__(
+        self,
+        model: DepthAdaptiveModel,
+        criterion: str = "confidence",
+        threshold: Threshold = 0.9,
+        image_size: Optional[Sequence[int]] = None,
+    ) -> None:
+        if not isinstance(model.depth_plan, ExitsPlan):
+            raise ValueError(
+                f"Early exit needs plan='exits' (an exit head after each stage); this model uses "
+                f"plan={model.plan!r}, whose depths all run every stage, so leaving early saves nothing."
+            )
+        self.model = model
+        self.policy = ExitPolicy(criterion, threshold, model.num_depths - 1)
+        self._costs: Dict[Tuple[int, ...], List[int]] = {}
+        self._runners: Dict[Tuple[int, ...], object] = {}
+        try:
+            layout = get_layout(model.backbone)
+        except NotImplementedError:
+            layout = None
+        self.layout = layout
+        if layout is not None:
+            self._layout_runner: Optional[_LayoutRunner] = _LayoutRunner(model, layout)
+        else:
+            self._layout_runner = None
+            size = tuple(image_size or model.pretrained_cfg.get("input_size", (model.in_chans, 224, 224)))
+            self.runner(size)
+
+    @property
+    def criterion(self) -> str:
+        return self.policy.criterion
+
+    @property
+    def thresholds(self) -> List[float]:
+        return list(self.policy.thresholds)
+
+    @property
+    def uses_layout(self) -> bool:
+        """True when the hand-written stage layout runs the model (else generic traced segments)."""
+        return self._layout_runner is not None
+
+    def runner(self, image_size: Sequence[int]):
+        """What runs the backbone exit by exit for images of ``image_size`` (C, H, W)."""
+        if self._layout_runner is not None:
+            return self._layout_runner
+        key = tuple(int(s) for s in image_size)
+        if key not in self._runners:
+            reusable = [r for r in self._runners.values() if not r.size_specific]
+            if reusable:
+                self._runners[key] = reusable[0]
+            else:
+                try:
+                    self._runners[key] = build_segments(self.model, key)
+                except ValueError as err:
+                    raise ValueError(
+                        f"Early exit with compaction cannot run {self.model.backbone_name}: it has no hand-written "
+                        f"stage layout ({', '.join(LAYOUT_FAMILIES)}) and {err} Evaluate the policy without the "
+                        f"savings with EarlyExit.simulate(model.forward_exits(x)) or coopnets.inference.simulate."
+                    ) from None
+        return self._runners[key]
+
     # --- cost accounting ----------------------------------------------------------
     def step_flops(self, image_size: Sequence[int]) -> List[int]:
         """FLOPs of one sample per step: ``[stem, segment 1, head 1, ..., segment K-1, head K-1, final]``.
 
         The final step runs the last stages, the final norm and the backbone's own
-        head. Measured once per ``(C, H, W)`` and cached.
+        head. With generic segments the stem is part of segment 1 (``stem`` is 0).
+        Measured once per ``(C, H, W)`` and cached.
         """
         key = tuple(int(s) for s in image_size)
         if key not in self._costs:
-            layout, model = self.layout, self.model
+            runner, model = self.runner(key), self.model
             steps: List[int] = []
 
             def count(fn, *args):
@@ -274,12 +356,11 @@ class EarlyExit:
                 return result
 
             with torch.inference_mode():
-                h = count(layout.stem, torch.zeros(1, *key, device=next(model.parameters()).device))
-                start: Position = (0, 0)
-                for k, stop in enumerate(self.stops):
-                    h, start = count(layout.run, h, start, stop), stop
-                    count(lambda f, k=k: model.exits[k](layout.to_nchw(f, key[1:])), h)
-                count(lambda f: model.backbone.forward_head(layout.finish(layout.run(f, start, layout.end))), h)
+                env = count(runner.start, torch.zeros(1, *key, device=next(model.parameters()).device))
+                for k in range(model.num_depths - 1):
+                    env, feature = count(runner.advance, env, k)
+                    count(model.exits[k], feature)
+                count(runner.finish, env)
             self._costs[key] = steps
         return list(self._costs[key])
 
@@ -292,18 +373,19 @@ class EarlyExit:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> EarlyExitResult:
         """Run the batch ``x`` with per-sample early exit and compaction."""
-        model, layout = self.model, self.layout
+        model = self.model
         model.check_input(x)
-        n, hw = x.shape[0], tuple(x.shape[-2:])
+        n = x.shape[0]
+        runner = self.runner(x.shape[1:])
         costs = self.depth_flops(x.shape[1:])
         out: Optional[torch.Tensor] = None
         depths = torch.full((n,), model.num_depths, dtype=torch.long, device=x.device)
         alive = torch.arange(n, device=x.device)  # original index of every row still running
         state = self.policy.start(n, x.device)
-        h, start = layout.stem(x), (0, 0)
-        for k, stop in enumerate(self.stops):
-            h, start = layout.run(h, start, stop), stop
-            logits = model.exits[k](layout.to_nchw(h, hw))
+        env = runner.start(x)
+        for k in range(model.num_depths - 1):
+            env, feature = runner.advance(env, k)
+            logits = model.exits[k](feature)
             if out is None:
                 out = logits.new_empty(n, logits.shape[1])
             leave, state = self.policy.decide(logits, k, state)
@@ -311,12 +393,13 @@ class EarlyExit:
                 out[alive[leave]] = logits[leave]
                 depths[alive[leave]] = k + 1
                 keep = (~leave).nonzero().squeeze(1)
-                alive, h = alive[keep], h.index_select(0, keep)
+                alive = alive[keep]
                 state = (state[0].index_select(0, keep), state[1].index_select(0, keep))
-            if alive.numel() == 0:
-                break
+                if alive.numel() == 0:
+                    break
+                env = runner.compact(env, keep)
         if alive.numel():
-            logits = model.backbone.forward_head(layout.finish(layout.run(h, start, layout.end)))
+            logits = runner.finish(env)
             if out is None:
                 out = logits.new_empty(n, logits.shape[1])
             out[alive] = logits
