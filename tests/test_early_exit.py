@@ -90,6 +90,6 @@ def test_bad_input():
 
 def test_blocks_plan_rejected_and_no_layout_uses_segments():
     with pytest.raises(ValueError, match="plan='exits'"):
-        EarlyExit(coopnets.wrap("test_resnet", num_classes=10, plan="blocks"))
+        EarlyExit(coopnets.wrap("test_convnext", num_classes=10, plan="blocks"))
     assert not EarlyExit(coopnets.wrap("test_byobnet", num_classes=10), image_size=(3, 64, 64)).uses_layout
     assert EarlyExit(coopnets.wrap("test_resnet", num_classes=10)).uses_layout

@@ -1,6 +1,7 @@
 """Core: the depth-adaptive wrapper over timm families (issue 2)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -295,3 +296,156 @@ def test_any_timm_family_wraps_through_forward_intermediates(name, kwargs):
     calls_1, _ = _called_backbone_modules(model, x, 1)
     calls_full, _ = _called_backbone_modules(model, x, model.num_depths)
     assert len(calls_1) < len(calls_full)
+
+
+# --- issue 11: timm's model contract at the current depth, training hooks, any backbone ----------------------
+@pytest.mark.parametrize("family", ["resnet", "vit", "swin"])
+def test_forward_features_and_head_compose_at_every_depth(family):
+    model, plain, x = _pair(family)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), plain.forward_features(x))
+        assert model.head_hidden_size == plain.head_hidden_size and model.num_features == plain.num_features
+        for depth in range(1, model.num_depths + 1):
+            with model.at_depth(depth):
+                feats = model.forward_features(x)
+                logits = model.forward_head(feats)
+                emb = model.forward_head(feats, pre_logits=True)
+                torch.testing.assert_close(logits, model(x), rtol=0, atol=0)
+            assert logits.shape == (2, NUM_CLASSES) and emb.ndim == 2
+            if depth < model.num_depths:
+                assert feats.ndim == 4 and emb.shape[1] == model.exits[depth - 1].num_features
+
+
+@pytest.mark.parametrize("family", ["resnet", "vit"])
+def test_reset_classifier_reaches_every_exit_with_timm_semantics(family):
+    model, _, x = _pair(family)
+    model.reset_classifier(0)
+    assert model.num_classes == 0
+    with torch.no_grad():
+        pooled = [model.forward_depth(x, d) for d in range(1, model.num_depths + 1)]
+        assert pooled[-1].shape == (2, model.head_hidden_size)
+        assert [p.shape[1] for p in pooled[:-1]] == [h.num_features for h in model.exits]
+        model.reset_classifier(0, "")
+        unpooled = [model.forward_depth(x, d) for d in range(1, model.num_depths + 1)]
+    assert all(u.ndim in (3, 4) for u in unpooled) and all(u.ndim == 4 for u in unpooled[:-1])
+    model.reset_classifier(7, "avg")
+    with torch.no_grad():
+        assert all(model.forward_depth(x, d).shape == (2, 7) for d in range(1, model.num_depths + 1))
+
+
+def test_train_mode_forward_is_the_final_logits_and_every_parameter_gets_a_gradient():
+    model, plain, x = _pair("resnet")
+    model.train(), plain.train()
+    out = model(x)
+    torch.testing.assert_close(out, plain(x), rtol=0, atol=0)  # the exactly-zero term changes nothing
+    out.mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        if name.startswith("exits."):
+            assert not p.grad.any(), f"{name}: the exits join the graph with weight 0"
+    # opt out: plain timm behaviour, exits out of the graph
+    model.zero_grad(set_to_none=True)
+    model.exits_in_train_graph = False
+    model(x).mean().backward()
+    assert all(p.grad is None for p in model.exits.parameters())
+    # below full depth, training-mode forward is that depth's sub-network
+    model.zero_grad(set_to_none=True)
+    model.set_depth(1)(x).mean().backward()
+    assert all(p.grad is not None for p in model.exits[0].parameters())
+    assert all(p.grad is None for p in model.exits[1].parameters())
+
+
+def test_train_mode_zero_term_is_nan_safe():
+    model = coopnets.wrap("test_resnet", num_classes=3).train()
+    with torch.no_grad():
+        model.exits[0].fc.bias.fill_(float("inf"))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.isfinite(model(x)).all()
+
+
+def test_torchscript_and_fx_see_through_input_checks():
+    model = coopnets.wrap("test_resnet", num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), eager)
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), eager)
+        scripted_shallow = torch.jit.script(model.set_depth(1))
+    with pytest.raises(Exception, match="full depth only"):
+        scripted_shallow(x)
+
+
+def test_features_only_goes_through_timms_feature_getter():
+    feats = timm.create_model("coop_resnet18", features_only=True).eval()
+    ref = timm.create_model("resnet18", features_only=True)
+    assert feats.feature_info.channels() == ref.feature_info.channels()
+    assert feats.feature_info.reduction() == ref.feature_info.reduction()
+    with torch.no_grad():
+        outs = feats(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == ref.feature_info.channels()
+    picked = timm.create_model("coop_resnet18", features_only=True, out_indices=(2, 4))
+    assert picked.feature_info.channels() == [128, 512]
+
+
+def test_training_hooks_pass_through():
+    model = coopnets.wrap("test_vit", img_size=32, num_classes=3)
+    assert model.no_weight_decay() == {"backbone." + n for n in model.backbone.no_weight_decay()}
+    matcher = model.group_matcher()
+    assert any("exits" in str(spec) for spec in matcher.values())
+    model.set_grad_checkpointing(True)
+    assert model.backbone.grad_checkpointing
+
+
+def test_input_channels_come_from_the_config_not_the_first_conv():
+    model = coopnets.wrap("tresnet_m", num_classes=3).eval()  # space-to-depth stem: first conv reads 48 channels
+    assert model.in_chans == 3
+    with torch.no_grad():
+        assert model.set_depth(1)(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    assert coopnets.wrap("test_resnet", in_chans=1).in_chans == 1
+
+
+def test_parallel_branch_feature_info_gets_a_nested_selection():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = coopnets.wrap("crossvit_tiny_240", num_classes=3).eval()  # feature_info lists both branches
+    assert model.exit_indices == [0, 1]
+    x = torch.randn(1, 3, 240, 240)
+    flops = []
+    with torch.no_grad():
+        for depth in range(1, model.num_depths + 1):
+            with FlopCounterMode(display=False) as counter:
+                model.forward_depth(x, depth)
+            flops.append(counter.get_total_flops())
+    assert flops == sorted(set(flops)), f"FLOPs must strictly grow with depth, got {flops}"
+    with pytest.raises(ValueError, match=r"module 'blocks.1', which also produces entry 1.*Valid exit_indices: \[0, 1\]"):
+        coopnets.wrap("crossvit_tiny_240", exit_indices=[4])
+
+
+def test_blocks_plan_needs_two_depths():
+    with pytest.raises(ValueError, match="at least 2 depths.*one block"):
+        coopnets.wrap("test_resnet", plan="blocks")
+    with pytest.raises(ValueError, match="nested depths"):
+        coopnets.wrap("resnet18", plan="blocks", block_depths=[[2, 2, 2, 2], [1, 1, 1, 1], [2, 2, 2, 2]])
+
+
+def test_pretrained_means_timms_backbone_weights(tmp_path):
+    src = timm.create_model("resnet18")
+    path = tmp_path / "resnet18.pth"
+    torch.save(src.state_dict(), path)
+    model = coopnets.wrap("resnet18", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    loaded = model.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in src.state_dict().items() if not k.startswith("fc."))
+    assert model.num_classes == 10 and "pretrained_cfg_overlay" not in model.model_args()
+
+
+@pytest.mark.parametrize("depth", [np.int64(2), np.int32(2), torch.tensor(2), torch.tensor(2, dtype=torch.int32)])
+def test_integer_like_depths_are_accepted(depth):
+    model = coopnets.wrap("test_resnet", num_classes=3)
+    assert model.set_depth(depth).depth == 2 and type(model.depth) is int
+    assert model.resolve_depth(depth) == 2
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(2.0), torch.tensor([2]), np.bool_(True), torch.tensor(True), np.float64(2)])
+def test_non_integer_depths_are_rejected(bad):
+    with pytest.raises(ValueError, match=r"1\.\.4"):
+        coopnets.wrap("test_resnet", num_classes=3).set_depth(bad)

@@ -124,7 +124,8 @@ def test_local_dir_round_trip_with_coopnets_and_timm(tmp_path):
 
 
 def test_wrapped_non_zoo_backbone_with_blocks_plan_round_trips(tmp_path):
-    model = coopnets.wrap("test_resnet", num_classes=3, plan="blocks")
+    model = coopnets.wrap("test_convnext", num_classes=3, plan="blocks")
+    assert model.num_depths >= 2
     folder = save_pretrained(model, tmp_path / "ckpt")
     loaded = coopnets.create_model(f"local-dir:{folder}", pretrained=True)
     assert loaded.plan == "blocks" and loaded.block_depths == model.block_depths

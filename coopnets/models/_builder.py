@@ -8,19 +8,33 @@ trained and measured are listed.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
 
 from ..hub.load import load_pretrained
 from ..hub.manifest import pretrained_cfgs_for
-from .depth_adaptive import DepthAdaptiveModel
+from .depth_adaptive import DepthAdaptiveModel, prefixed_cfg
+
+#: preprocessing / shape fields a zoo entry takes from its timm backbone's default config
+BACKBONE_CFG_KEYS = (
+    "input_size", "pool_size", "crop_pct", "interpolation", "mean", "std", "fixed_input_size", "min_input_size",
+    "first_conv", "classifier",
+)
 
 
-def coop_cfg(**kwargs: Any) -> Dict[str, Any]:
-    """The pretrained config of an untrained zoo entry (ImageNet-style preprocessing)."""
-    return {
+def coop_cfg(backbone: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+    """The pretrained config of an untrained zoo entry: ImageNet-style preprocessing, with the input
+    size, pool size, ``fixed_input_size`` and ``first_conv`` / ``classifier`` (under ``backbone.``)
+    of timm backbone ``backbone`` when given.
+
+    Example:
+        >>> cfg = coop_cfg("vit_small_patch16_224")
+        >>> cfg["fixed_input_size"], cfg["first_conv"], cfg["classifier"]
+        (True, 'backbone.patch_embed.proj', ('backbone.head',))
+    """
+    cfg: Dict[str, Any] = {
         "url": "",
         "num_classes": 1000,
         "input_size": (3, 224, 224),
@@ -30,15 +44,29 @@ def coop_cfg(**kwargs: Any) -> Dict[str, Any]:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "license": "apache-2.0",
-        **kwargs,
     }
+    if backbone is not None:
+        timm_cfg = get_pretrained_cfg(backbone)
+        if timm_cfg is None:
+            raise ValueError(f"timm has no pretrained config for backbone {backbone!r}.")
+        own = {k: v for k, v in timm_cfg.to_dict().items() if k in BACKBONE_CFG_KEYS and v is not None}
+        classifier = own.get("classifier") or ()
+        classifier = [classifier] if isinstance(classifier, str) else list(classifier)
+        cfg.update(prefixed_cfg(own, ["backbone." + c for c in classifier]))
+    cfg.update(kwargs)
+    return cfg
+
+
+def _backbone_of(name: str) -> str:
+    return name[len("coop_"):] if name.startswith("coop_") else name
 
 
 def zoo_cfgs(*names: str) -> Dict[str, Any]:
-    """timm ``default_cfgs`` for a family file: an untagged cfg per name plus every manifest checkpoint."""
-    cfgs: Dict[str, Dict[str, Any]] = {name: coop_cfg() for name in names}
+    """timm ``default_cfgs`` for a family file: an untagged cfg per name plus every manifest checkpoint.
+    Zoo entry ``coop_<backbone>`` takes its input and stem / classifier fields from timm's ``<backbone>``."""
+    cfgs: Dict[str, Dict[str, Any]] = {name: coop_cfg(_backbone_of(name)) for name in names}
     for name in names:
-        cfgs.update({tagged: coop_cfg(**fields) for tagged, fields in pretrained_cfgs_for(name).items()})
+        cfgs.update({tagged: coop_cfg(_backbone_of(name), **fields) for tagged, fields in pretrained_cfgs_for(name).items()})
     return generate_default_cfgs(cfgs)
 
 
@@ -48,9 +76,30 @@ def build_coop_model(variant: str, backbone: str, pretrained: bool = False, **kw
     ``pretrained=True`` loads the coopnets checkpoint named by the variant's pretrained
     config (``hf_hub_id``) through the Hugging Face Hub client; it is not timm's ImageNet
     backbone weights (pass ``pretrained_backbone=True`` for those).
+
+    ``features_only=True`` returns timm's ``FeatureGetterNet`` over the backbone's
+    ``forward_intermediates`` (the exit heads are dropped), with the backbone's
+    ``feature_info``; ``out_indices`` picks entries (default: all).
+
+    Example:
+        >>> import timm, torch
+        >>> m = timm.create_model("coop_resnet18", features_only=True)
+        >>> m.feature_info.channels(), [t.shape[-1] for t in m(torch.randn(1, 3, 64, 64))]
+        ([64, 64, 128, 256, 512], [32, 16, 8, 4, 2])
     """
-    if kwargs.pop("features_only", False):
-        raise ValueError(f"{variant} does not support features_only; use timm.create_model({backbone!r}, features_only=True).")
     cache_dir = kwargs.pop("cache_dir", None)
+    if kwargs.get("features_only", False):
+        if pretrained:
+            raise ValueError(
+                f"{variant}: features_only=True with pretrained=True is not supported; build the model with "
+                f"pretrained=True and call forward_intermediates, or use timm.create_model({backbone!r}, features_only=True)."
+            )
+        feature_cfg = dict(feature_cls="getter", out_indices=kwargs.pop("out_indices", None))
+        return build_model_with_cfg(
+            DepthAdaptiveModel, variant, pretrained=False, feature_cfg=feature_cfg, backbone=backbone, **kwargs
+        )
     model = build_model_with_cfg(DepthAdaptiveModel, variant, pretrained=False, backbone=backbone, **kwargs)
+    # the registry cfg names the backbone's classifier; this instance's exits are classifiers too
+    model.pretrained_cfg["classifier"] = tuple(model.classifier_names())
+    model.default_cfg = model.pretrained_cfg
     return load_pretrained(model, cache_dir=cache_dir) if pretrained else model

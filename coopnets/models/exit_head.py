@@ -79,24 +79,56 @@ class ExitHead(nn.Module):
             self.body = nn.Identity()
             self.norm = nn.LayerNorm(in_chs)
             self.num_features = in_chs
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool: nn.Module = nn.AdaptiveAvgPool2d(1)
+        self.global_pool = "avg"
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Logits for a feature map ``x`` (N, C, H, W); ``pre_logits`` returns the pooled embedding."""
-        x = self.pool(self.body(x)).flatten(1)
-        x = self.norm(x)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The unpooled map the classifier reads: ``body(x)`` (``conv``: downsampled, ``width`` channels;
+        ``linear``: ``x`` itself)."""
+        return self.body(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits from :meth:`forward_features`' map; ``pre_logits`` returns the pooled embedding.
+
+        With pooling disabled (``reset_classifier(n, global_pool="")``) the map stays unpooled
+        (N, C, H, W) and a classifier, if any, is applied per position.
+        """
+        if not self.global_pool:
+            if pre_logits or isinstance(self.fc, nn.Identity):
+                return x
+            return self.fc(self.drop(x.movedim(1, -1))).movedim(-1, 1)
+        x = self.norm(self.pool(x).flatten(1))
         if pre_logits:
             return x
         return self.fc(self.drop(x))
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits for a feature map ``x`` (N, C, H, W); ``pre_logits`` returns the pooled embedding."""
+        return self.forward_head(self.forward_features(x), pre_logits=pre_logits)
 
     def forward_both(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(logits, pooled embedding) in one pass."""
         emb = self.forward(x, pre_logits=True)
         return self.fc(self.drop(emb)), emb
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier for ``num_classes`` (``0``: identity). ``global_pool``: ``"avg"`` pools,
+        ``""`` keeps the map unpooled, ``None`` leaves the pooling as it is (timm's semantics).
+
+        Example:
+            >>> import torch
+            >>> head = ExitHead(in_chs=8, num_classes=3)
+            >>> head.reset_classifier(0, "")
+            >>> head(torch.randn(2, 8, 4, 4)).shape
+            torch.Size([2, 8, 4, 4])
+        """
+        if global_pool is not None:
+            if global_pool not in ("", "avg"):
+                raise ValueError(f"Unknown global_pool {global_pool!r} for an exit head; valid: 'avg', ''.")
+            self.global_pool = global_pool
+            self.pool = nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 

@@ -103,6 +103,18 @@ class DepthPlan:
         """Logits of every depth from one shared pass (and embeddings/feature maps if asked)."""
         raise NotImplementedError
 
+    def forward_features(self, model: "DepthAdaptiveModel", x: torch.Tensor, depth: int) -> torch.Tensor:
+        """Unpooled features the classifier of ``depth`` (below full) reads (timm's ``forward_features``)."""
+        raise NotImplementedError
+
+    def forward_head(self, model: "DepthAdaptiveModel", x: torch.Tensor, depth: int, pre_logits: bool) -> torch.Tensor:
+        """Logits (or the pooled embedding) of ``depth`` (below full) from :meth:`forward_features`' output."""
+        raise NotImplementedError
+
+    def classifier(self, model: "DepthAdaptiveModel", depth: int) -> nn.Module:
+        """The classifier module of ``depth`` (below full)."""
+        return model.backbone.get_classifier()
+
     def embedding_dims(self, model: "DepthAdaptiveModel") -> List[int]:
         """Width of ``forward_exits(x, with_features=True).embeddings[k]`` for every depth."""
         raise NotImplementedError
@@ -148,6 +160,38 @@ def default_exit_indices(feature_info: Sequence[Dict[str, Any]], num_exits: Opti
     return [p for p in points if p != n - 1]
 
 
+def nested_exit_indices(feature_info: Sequence[Dict[str, Any]]) -> List[int]:
+    """``feature_info`` indices (below the last) that make nested depths, whose cost strictly grows.
+
+    An entry is excluded when its ``module`` also produces another entry (a feature_info that
+    lists parallel branches rather than a chain: CrossViT lists both branches of the same blocks,
+    CoaT's ``parallel_blocks`` produce three scales at once): only the first entry of each module
+    is kept, and never one of the final entry's module (running it is running everything).
+
+    Example:
+        >>> info = [{"module": m} for m in ("blocks.0", "blocks.1", "blocks.2", "blocks.0", "blocks.1", "blocks.2")]
+        >>> nested_exit_indices(info)
+        [0, 1]
+    """
+    final = feature_info[-1].get("module")
+    seen = set()
+    valid = []
+    for i, f in enumerate(feature_info[:-1]):
+        module = f.get("module")
+        if module is not None and (module in seen or module == final):
+            continue
+        seen.add(module)
+        valid.append(i)
+    return valid
+
+
+def _not_nested_reason(feature_info: Sequence[Dict[str, Any]], index: int) -> str:
+    module = feature_info[index].get("module")
+    other = next(j for j, f in enumerate(feature_info) if j != index and f.get("module") == module)
+    return (f"feature_info entry {index} comes from module {module!r}, which also produces entry {other} "
+            f"(the backbone's feature_info lists parallel outputs, not a chain of stages)")
+
+
 class ExitModel(nn.Module):
     """A pruned timm backbone that ends at feature ``index``, followed by an exit head (an exported depth)."""
 
@@ -187,11 +231,21 @@ class ExitsPlan(DepthPlan):
         head_width: Optional[int] = None,
     ) -> None:
         n = len(feature_info)
-        points = list(exit_indices) if exit_indices is not None else default_exit_indices(feature_info, num_exits)
+        nested = nested_exit_indices(feature_info)
+        if exit_indices is None:
+            points = [p for p in default_exit_indices(feature_info, num_exits) if p in nested]
+        else:
+            points = list(exit_indices)
         if any(not isinstance(p, int) or not 0 <= p < n - 1 for p in points) or points != sorted(set(points)):
             raise ValueError(
                 f"exit_indices must be increasing feature_info indices in 0..{n - 2} "
                 f"(index {n - 1} is the backbone's own final head), got {points}."
+            )
+        bad = [p for p in points if p not in nested]
+        if bad:
+            raise ValueError(
+                f"exit_indices {bad} do not give nested depths: {_not_nested_reason(feature_info, bad[0])}. "
+                f"Valid exit_indices: {nested}."
             )
         self.feature_info = [dict(f) for f in feature_info]
         self.exit_indices = points
@@ -224,6 +278,19 @@ class ExitsPlan(DepthPlan):
             x, indices=[self.exit_indices[depth - 1]], stop_early=True, intermediates_only=True
         )
         return model.exits[depth - 1](feats[-1])
+
+    def forward_features(self, model, x, depth):
+        """The stage map of exit ``depth`` after the head's body (``conv``: at the final resolution)."""
+        feats = model.backbone.forward_intermediates(
+            x, indices=[self.exit_indices[depth - 1]], stop_early=True, intermediates_only=True
+        )
+        return model.exits[depth - 1].forward_features(feats[-1])
+
+    def forward_head(self, model, x, depth, pre_logits):
+        return model.exits[depth - 1].forward_head(x, pre_logits=pre_logits)
+
+    def classifier(self, model, depth):
+        return model.exits[depth - 1].fc
 
     def forward_exits(self, model, x, with_features):
         indices = self.exit_indices + [len(self.feature_info) - 1] if with_features else self.exit_indices
@@ -309,8 +376,19 @@ class BlocksPlan(DepthPlan):
         for d in depths:
             if len(d) != len(full) or any(not 1 <= n <= m for n, m in zip(d, full)):
                 problem = f"every entry needs {len(full)} counts with 1 <= count <= {full}"
+        if not problem and any(
+            a == b or any(x > y for x, y in zip(a, b)) for a, b in zip(depths, depths[1:])
+        ):
+            problem = "every entry must keep at most the blocks of the next, and fewer somewhere (nested depths)"
         if problem:
             raise ValueError(f"Invalid block_depths {depths}: {problem}.")
+        if len(depths) < 2:
+            raise ValueError(
+                f"plan='blocks' needs at least 2 depths, but block_depths {depths} gives only the full backbone: "
+                f"its stages have block counts {full}, so there is no block to skip"
+                + (" (every stage has one block)" if max(full) == 1 else "")
+                + ". Use plan='exits', or pass block_depths with a shallower entry first."
+            )
         self.layout = layout
         self.block_depths = depths
         self.num_depths = len(depths)
@@ -328,6 +406,12 @@ class BlocksPlan(DepthPlan):
 
     def forward_depth(self, model, x, depth):
         return model.backbone.forward_head(self._features(x, depth)[0])
+
+    def forward_features(self, model, x, depth):
+        return self._features(x, depth)[0]
+
+    def forward_head(self, model, x, depth, pre_logits):
+        return model.backbone.forward_head(x, pre_logits=pre_logits)
 
     def forward_exits(self, model, x, with_features):
         out = ExitOutputs(logits=[])
