@@ -18,7 +18,13 @@ def n_params(m):
 @pytest.mark.parametrize("plan", ["exits", "blocks"])
 def test_export_matches_set_depth(name, plan):
     torch.manual_seed(0)
+    if plan == "blocks" and name in ("test_resnet", "test_efficientnet"):
+        # one block per stage: nothing to skip, so the blocks plan is refused instead of degenerating to 1 depth
+        with pytest.raises(ValueError, match="at least 2 depths"):
+            coopnets.wrap(name, num_classes=10, plan=plan)
+        return
     model = coopnets.wrap(name, num_classes=10, plan=plan).eval()
+    assert model.num_depths >= 2
     x = torch.randn(2, 3, 64, 64)
     full = model.export(model.num_depths)
     for depth in range(1, model.num_depths + 1):
