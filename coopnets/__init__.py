@@ -19,7 +19,7 @@ from .models import (
     wrap,
 )
 from .hub import push_to_hub, save_pretrained
-from .inference import EarlyExit, EarlyExitResult, budget_curve, calibrate, profile, simulate
+from .inference import EarlyExit, EarlyExitResult, budget_curve, calibrate, profile, set_depth_for_budget, simulate
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "push_to_hub",
     "register_model",
     "save_pretrained",
+    "set_depth_for_budget",
     "simulate",
     "wrap",
 ]

@@ -1,7 +1,7 @@
 """The package's shape: no import cycles between coopnets modules, and the registry is a leaf.
 
 Edges are every ``import``/``from ... import`` of a coopnets module anywhere in a file
-(function-level imports included, ``if TYPE_CHECKING:`` blocks excluded), resolved to the
+(function-level imports and ``if TYPE_CHECKING:`` blocks included), resolved to the
 module file they load: ``from ..models import create_model`` is an edge to
 ``coopnets.models`` (its ``__init__``), ``from ..models import plans`` one to
 ``coopnets.models.plans``.
@@ -25,20 +25,12 @@ def module_name(path: Path) -> str:
 MODULES: Dict[str, Path] = {module_name(p): p for p in ROOT.rglob("*.py")}
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, (ast.Name, ast.Attribute)) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
 def imports_of(name: str) -> Set[str]:
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: Set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("coopnets"))
         elif isinstance(node, ast.ImportFrom):
@@ -99,16 +91,19 @@ def test_no_import_cycles():
     assert import_cycles() == []
 
 
-def test_cycle_finder_sees_function_level_imports():
-    # the model's thin budget method imports inference lazily; the edge must be seen
-    assert "coopnets.inference.budget" in imports_of("coopnets.models.depth_adaptive")
+def test_cycle_finder_sees_function_level_and_type_checking_imports():
+    assert "coopnets.hub.load" in imports_of("coopnets.models._builder")  # module level
+    assert "coopnets.models.depth_adaptive" in imports_of("coopnets.inference.budget")  # under TYPE_CHECKING
+    assert "coopnets.train.sweep" in imports_of("coopnets.train.run")
+
+
+def test_model_side_never_imports_inference_hub_train_or_cli():
+    model_side = ("coopnets.models.depth_adaptive", "coopnets.models.plans", "coopnets.models.segments",
+                  "coopnets.models.layouts", "coopnets.models.exit_head", "coopnets.models._registry")
+    for name in model_side:
+        assert not any(m.startswith(("coopnets.inference", "coopnets.hub", "coopnets.train", "coopnets.cli"))
+                       for m in imports_of(name)), name
 
 
 def test_registry_is_a_leaf():
     assert imports_of("coopnets.models._registry") == set()
-
-
-def test_model_side_does_not_import_hub_or_inference_at_module_level():
-    tree = ast.parse(MODULES["coopnets.models.depth_adaptive"].read_text())
-    top = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.level]
-    assert all(not (n.module or "").startswith(("hub", "inference")) and n.level == 1 for n in top)

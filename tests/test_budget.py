@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import coopnets
-from coopnets.inference.budget import budget_curve, calibrate, depth_for_latency, format_budget_table, geometric_exit_distribution
+from coopnets.inference.budget import (
+    budget_curve, calibrate, depth_for_latency, format_budget_table, geometric_exit_distribution, set_depth_for_budget,
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,6 @@ def test_depth_for_latency(model_and_data):
     model, _ = model_and_data
     depth, measured = depth_for_latency(model, latency_ms=1e6, input_size=(3, 64, 64), repeats=1, warmup=0)
     assert depth == model.num_depths and len(measured) == 1
-    assert model.set_depth_for_budget(latency_ms=1e6, input_size=(3, 64, 64), repeats=1).depth == model.num_depths
+    assert set_depth_for_budget(model, latency_ms=1e6, input_size=(3, 64, 64), repeats=1).depth == model.num_depths
     with pytest.raises(ValueError, match="No depth fits 1e-06 ms"):
-        model.set_depth_for_budget(latency_ms=1e-6, input_size=(3, 64, 64), repeats=1)
+        set_depth_for_budget(model, latency_ms=1e-6, input_size=(3, 64, 64), repeats=1)

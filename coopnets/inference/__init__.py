@@ -5,8 +5,8 @@
 * :mod:`.export` -- one depth as ONNX / TorchScript / safetensors;
 * :mod:`.profiler` -- per-depth params, FLOPs and latency.
 """
-from .budget import budget_curve, calibrate
+from .budget import budget_curve, calibrate, set_depth_for_budget
 from .early_exit import EarlyExit, EarlyExitResult, simulate
 from .profiler import profile
 
-__all__ = ["EarlyExit", "EarlyExitResult", "budget_curve", "calibrate", "profile", "simulate"]
+__all__ = ["EarlyExit", "EarlyExitResult", "budget_curve", "calibrate", "profile", "set_depth_for_budget", "simulate"]

@@ -11,7 +11,7 @@ the accuracy there. :func:`budget_curve` does this for several budgets from one 
 
 **Latency budget.** :func:`depth_for_latency` measures the depths deepest first (with
 :func:`coopnets.inference.profiler.measure_latency`) and returns the deepest whose median latency
-fits; ``model.set_depth_for_budget(latency_ms=..., batch_size=...)`` applies it.
+fits; :func:`set_depth_for_budget` applies it.
 
 Example:
     >>> import torch, coopnets
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..models._utils import eval_mode
 from .early_exit import EarlyExit, EarlyExitResult, confidence_score, simulate
 from .profiler import measure_latency
 
@@ -82,19 +83,14 @@ def collect_exit_logits(
     per_depth: List[List[torch.Tensor]] = []
     labels: List[torch.Tensor] = []
     image_size: Tuple[int, ...] = ()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for x, y in loader:
-                image_size = tuple(x.shape[1:])
-                outs = model.forward_exits(x.to(device))
-                per_depth = per_depth or [[] for _ in outs]
-                for acc, out in zip(per_depth, outs):
-                    acc.append(out.float().cpu())
-                labels.append(torch.as_tensor(y).cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for x, y in loader:
+            image_size = tuple(x.shape[1:])
+            outs = model.forward_exits(x.to(device))
+            per_depth = per_depth or [[] for _ in outs]
+            for acc, out in zip(per_depth, outs):
+                acc.append(out.float().cpu())
+            labels.append(torch.as_tensor(y).cpu())
     if not labels:
         raise ValueError("The calibration loader yielded no batches.")
     return [torch.cat(a) for a in per_depth], torch.cat(labels), image_size
@@ -265,19 +261,31 @@ def depth_for_latency(
         raise ValueError(f"latency_ms must be > 0 and batch_size >= 1, got {latency_ms!r} and {batch_size!r}.")
     size = tuple(input_size or model.pretrained_cfg.get("input_size", (3, 224, 224)))
     x = torch.randn(batch_size, *size, device=next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
     measured: List[float] = []
-    try:
-        with torch.inference_mode():
-            for depth in range(model.num_depths, 0, -1):
-                measured.append(measure_latency(lambda: model.forward_depth(x, depth), repeats=repeats, warmup=warmup))
-                if measured[-1] <= latency_ms:
-                    return depth, measured
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for depth in range(model.num_depths, 0, -1):
+            measured.append(measure_latency(lambda: model.forward_depth(x, depth), repeats=repeats, warmup=warmup))
+            if measured[-1] <= latency_ms:
+                return depth, measured
     table = ", ".join(f"depth {model.num_depths - i}: {t:.2f} ms" for i, t in enumerate(measured))
     raise ValueError(
         f"No depth fits {latency_ms} ms at batch size {batch_size}, input {size} (measured {table}). "
         f"Use a smaller batch or input, or a larger budget."
     )
+
+
+def set_depth_for_budget(
+    model: "DepthAdaptiveModel", latency_ms: float, batch_size: int = 1,
+    input_size: Optional[Sequence[int]] = None, repeats: int = 10,
+) -> "DepthAdaptiveModel":
+    """Set ``model`` to the deepest depth whose measured median latency fits ``latency_ms``
+    (:func:`depth_for_latency`); raises ``ValueError`` if none fits. Returns ``model``.
+
+    Example:
+        >>> import coopnets
+        >>> m = coopnets.create_model("coop_resnet18", num_classes=10)
+        >>> set_depth_for_budget(m, latency_ms=1e6, input_size=(3, 32, 32), repeats=1).depth
+        4
+    """
+    depth, _ = depth_for_latency(model, latency_ms, batch_size, input_size, repeats=repeats)
+    return model.set_depth(depth)

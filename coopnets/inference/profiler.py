@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..models._utils import eval_mode
+
 if TYPE_CHECKING:
     from ..models.depth_adaptive import DepthAdaptiveModel
 
@@ -104,28 +106,22 @@ def profile(
     ``print_table=False`` (see :func:`format_table`).
     """
     device = device or next(model.parameters()).device
-    was_training, previous = model.training, model.depth
-    model.eval()
     x = torch.randn(batch_size, *input_size, device=device)
     rows = []
-    try:
-        with torch.inference_mode():
-            for depth in range(1, model.num_depths + 1):
-                model.set_depth(depth)
+    with eval_mode(model), torch.inference_mode():
+        for depth in range(1, model.num_depths + 1):
+            with model.at_depth(depth):
                 with record_calls(model) as calls:
                     model(x)
                 with FlopCounterMode(display=False) as counter:
                     model(x)
                 latency = measure_latency(lambda: model(x), repeats=repeats, warmup=warmup)
-                rows.append({
-                    "depth": depth,
-                    "params": used_parameters(model, set(calls)),
-                    "flops": int(counter.get_total_flops()),
-                    "latency_ms": latency,
-                })
-    finally:
-        model.set_depth(previous)
-        model.train(was_training)
+            rows.append({
+                "depth": depth,
+                "params": used_parameters(model, set(calls)),
+                "flops": int(counter.get_total_flops()),
+                "latency_ms": latency,
+            })
     full = rows[-1]
     for r in rows:
         r["flops_ratio"] = r["flops"] / full["flops"] if full["flops"] else float("nan")

@@ -24,14 +24,14 @@ import contextlib
 import difflib
 import numbers
 import re
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import timm
 import torch
 from torch import nn
 
-from .layouts import StageLayout
-from .plans import DEFAULT_BLOCK_DEPTHS, BlocksPlan, DepthPlan, ExitOutputs, create_plan
+from .layouts import StageLayout, get_layout
+from .plans import DEFAULT_BLOCK_DEPTHS, BlocksPlan, DepthPlan, ExitOutputs, ExitsPlan, create_plan
 
 
 #: backbone kwargs consumed at build time, not part of the structure recorded in ``model_args``
@@ -309,9 +309,7 @@ class DepthAdaptiveModel(nn.Module):
         if isinstance(self.depth_plan, BlocksPlan):
             return self.depth_plan.layout
         if getattr(self, "_layout", None) is None:
-            from .layouts import get_layout
-
-            self._layout = get_layout(self.backbone, purpose=f"plan={self.plan!r}")
+            self._layout = get_layout(self.backbone, purpose="model.layout")
         return self._layout
 
     def model_args(self) -> Dict[str, Any]:
@@ -465,8 +463,6 @@ class DepthAdaptiveModel(nn.Module):
         exit head: what is left is a feature extractor (one depth, :meth:`forward_intermediates`).
         Returns the kept indices."""
         kept = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
-        from .plans import ExitsPlan
-
         self.exits = nn.ModuleList()
         self.depth_plan = ExitsPlan(self.feature_info, exit_indices=[], head=self.head_kind or "linear")
         self.num_depths = self._depth = 1
@@ -567,16 +563,6 @@ class DepthAdaptiveModel(nn.Module):
     def export(self, depth: int) -> nn.Module:
         """A standalone ``nn.Module`` with only what ``depth`` runs (see :func:`coopnets.inference.export.export_depth`)."""
         return self.depth_plan.export(self, self.resolve_depth(depth))
-
-    def set_depth_for_budget(
-        self, latency_ms: float, batch_size: int = 1, input_size: Optional[Sequence[int]] = None, repeats: int = 10
-    ) -> "DepthAdaptiveModel":
-        """Set the deepest depth whose measured median latency fits ``latency_ms`` (see
-        :func:`coopnets.inference.budget.depth_for_latency`); raises ``ValueError`` if none fits. Returns ``self``."""
-        from ..inference.budget import depth_for_latency  # thin convenience: inference never imports this module
-
-        depth, _ = depth_for_latency(self, latency_ms, batch_size, input_size, repeats=repeats)
-        return self.set_depth(depth)
 
 
 def wrap(backbone: Union[str, nn.Module], num_classes: Optional[int] = None, plan: str = "exits", **kwargs: Any) -> DepthAdaptiveModel:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +49,9 @@ from torch import nn
 from .exit_head import ExitHead, head_kind_for
 from .layouts import StageLayout, get_layout
 
-if TYPE_CHECKING:
-    from .depth_adaptive import DepthAdaptiveModel
+#: the :class:`~coopnets.models.depth_adaptive.DepthAdaptiveModel` a plan belongs to; typed as a
+#: module so that this file does not import the model's (which imports this one)
+Model = nn.Module
 
 DEFAULT_VIT_EXITS = 4
 DEFAULT_BLOCK_DEPTHS = 3
@@ -82,7 +83,7 @@ class DepthPlan:
     config_keys: ClassVar[Tuple[str, ...]] = ()
     num_depths: int
 
-    def build_exits(self, model: "DepthAdaptiveModel") -> nn.ModuleList:
+    def build_exits(self, model: Model) -> nn.ModuleList:
         """The exit heads this plan adds to ``model`` (registered as ``model.exits``)."""
         return nn.ModuleList()
 
@@ -95,27 +96,27 @@ class DepthPlan:
         """One line for people (model cards) on the structure that :meth:`config` records."""
         raise NotImplementedError
 
-    def forward_depth(self, model: "DepthAdaptiveModel", x: torch.Tensor, depth: int) -> torch.Tensor:
+    def forward_depth(self, model: Model, x: torch.Tensor, depth: int) -> torch.Tensor:
         """Logits of the sub-network at ``depth`` (1-based, already validated)."""
         raise NotImplementedError
 
-    def forward_exits(self, model: "DepthAdaptiveModel", x: torch.Tensor, with_features: bool) -> ExitOutputs:
+    def forward_exits(self, model: Model, x: torch.Tensor, with_features: bool) -> ExitOutputs:
         """Logits of every depth from one shared pass (and embeddings/feature maps if asked)."""
         raise NotImplementedError
 
-    def forward_features(self, model: "DepthAdaptiveModel", x: torch.Tensor, depth: int) -> torch.Tensor:
+    def forward_features(self, model: Model, x: torch.Tensor, depth: int) -> torch.Tensor:
         """Unpooled features the classifier of ``depth`` (below full) reads (timm's ``forward_features``)."""
         raise NotImplementedError
 
-    def forward_head(self, model: "DepthAdaptiveModel", x: torch.Tensor, depth: int, pre_logits: bool) -> torch.Tensor:
+    def forward_head(self, model: Model, x: torch.Tensor, depth: int, pre_logits: bool) -> torch.Tensor:
         """Logits (or the pooled embedding) of ``depth`` (below full) from :meth:`forward_features`' output."""
         raise NotImplementedError
 
-    def classifier(self, model: "DepthAdaptiveModel", depth: int) -> nn.Module:
+    def classifier(self, model: Model, depth: int) -> nn.Module:
         """The classifier module of ``depth`` (below full)."""
         return model.backbone.get_classifier()
 
-    def embedding_dims(self, model: "DepthAdaptiveModel") -> List[int]:
+    def embedding_dims(self, model: Model) -> List[int]:
         """Width of ``forward_exits(x, with_features=True).embeddings[k]`` for every depth."""
         raise NotImplementedError
 
@@ -123,12 +124,12 @@ class DepthPlan:
         """(sub-net map, full-net map) pairs at equal resolution for 0-based ``depth`` (feature distillation)."""
         raise NotImplementedError
 
-    def export(self, model: "DepthAdaptiveModel", depth: int) -> nn.Module:
+    def export(self, model: Model, depth: int) -> nn.Module:
         """A standalone copy of what ``depth`` runs (no depth state), in eval mode."""
         raise NotImplementedError
 
 
-def _final_embedding_dim(model: "DepthAdaptiveModel") -> int:
+def _final_embedding_dim(model: Model) -> int:
     """The backbone's pre-logits width (``head_hidden_size`` in timm, which differs from
     ``num_features`` for models with a conv head such as MobileNetV3)."""
     return int(getattr(model.backbone, "head_hidden_size", None) or model.backbone.num_features)
@@ -253,7 +254,7 @@ class ExitsPlan(DepthPlan):
         self.head_width = head_width
         self.num_depths = len(points) + 1
 
-    def build_exits(self, model: "DepthAdaptiveModel") -> nn.ModuleList:
+    def build_exits(self, model: Model) -> nn.ModuleList:
         info, final_red = self.feature_info, self.feature_info[-1]["reduction"]
         return nn.ModuleList(
             ExitHead(info[i]["num_chs"], model.num_classes, kind=self.head_kind, reduction=info[i]["reduction"],

@@ -60,8 +60,8 @@ def write_results(out: Path, info: Mapping[str, Any], rows: List[Dict[str, Any]]
     table = format_table(rows, extra=("accuracy", *[k for k in rows[0] if k.startswith("acc ")]))
     split = split_name(info)
     note = ("" if split == "test" else
-            f" The data has no test split: accuracies are on the validation split, which also picked the deployed net, "
-            f"so they are optimistic.")
+            " The data has no test split: accuracies are on the validation split, which also picked the deployed net, "
+            "so they are optimistic.")
     report = (
         f"# {info['method']} training of {info['model']} on {info['dataset']}\n\n"
         f"{info['epochs']} epochs, seed {info['seed']}, training wall time {info['wall_time_s']:.0f} s. {about}{note}\n\n"
