@@ -115,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--recipe-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the recipe's config (repeatable)")
+    parser.add_argument("--train-subset", type=int, default=None, metavar="N",
+                        help="train on a stratified random subset of N train images (drawn with --seed), repeated "
+                             "to keep the epoch length; val and test stay whole")
     parser.add_argument("--limit-train", type=int, default=None, metavar="N", help="use the first N train samples")
     parser.add_argument("--limit-eval", type=int, default=None, metavar="N", help="use the first N val/test samples")
     parser.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers")

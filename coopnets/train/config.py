@@ -40,6 +40,9 @@ class TrainConfig:
             first N samples (smoke tests). workers: DataLoader workers. device: force a
             device. profile_repeats: timed passes per depth in the final table.
         progress: show progress bars.
+        train_subset: train on a stratified random subset of this many train images, drawn
+            with ``seed`` and repeated to keep the epoch length (:meth:`DataSplits.train_subset`);
+            val and test stay whole. For studies of scarce data.
         pretrained: start the backbone(s) from timm's pretrained weights (``--pretrained``).
         initial_checkpoint: a coopnets checkpoint (``local-dir:``/``hf-hub:`` or a folder) to start from.
         num_classes: classes of the nets (None: the dataset's); classifiers are re-initialised
@@ -75,6 +78,7 @@ class TrainConfig:
     device: Optional[str] = None
     profile_repeats: int = 10
     progress: bool = True
+    train_subset: Optional[int] = None
     pretrained: bool = False
     initial_checkpoint: Optional[str] = None
     num_classes: Optional[int] = None
@@ -117,7 +121,7 @@ class TrainConfig:
                      "smoothing", "mixup", "cutmix", "decay_rate"):
             value = getattr(self, name)
             need(name, value >= 0 and math.isfinite(value), ">= 0")
-        for name in ("limit_train", "limit_eval", "num_classes", "clip_grad", "layer_decay"):
+        for name in ("limit_train", "limit_eval", "train_subset", "num_classes", "clip_grad", "layer_decay"):
             value = getattr(self, name)
             need(name, value is None or value > 0, "> 0")
         need("smoothing", self.smoothing < 1, "< 1")

@@ -101,6 +101,34 @@ class DataSplits:
             self, train=head(self.train, limit_train), val=head(self.val, limit_eval), test=head(self.test, limit_eval),
         )
 
+    def train_subset(self, n: int, seed: int) -> "DataSplits":
+        """A stratified random subset of ``n`` train images (the same ``n`` and ``seed``
+        always draw the same images), repeated so that one epoch still has about as many
+        samples as the full train split. Val and test stay whole.
+
+        Repeating keeps the optimiser steps and validations per epoch, so runs on
+        different subset sizes get the same schedule and compute (a learning-curve study
+        then compares data, not training length).
+
+        Example:
+            >>> s = load_data("digits", img_size=8).train_subset(50, seed=0)
+            >>> len(s.train), len({i for i in s.train.indices}), len(s.val)
+            (1050, 50, 360)
+            >>> sorted(torch.bincount(torch.stack([s.train[i][1] for i in range(50)])).tolist())[0]
+            5
+        """
+        from sklearn.model_selection import train_test_split
+
+        labels = _labels(self.train)
+        if not self.num_classes <= n <= len(labels):
+            raise DataError(f"--train-subset must be between the number of classes ({self.num_classes}) and the "
+                            f"train split's {len(labels)} images, got {n}.")
+        idx = list(range(len(labels)))
+        chosen = idx if n == len(labels) else sorted(
+            train_test_split(idx, train_size=n, stratify=labels, random_state=seed)[0])
+        repeats = max(1, len(labels) // n)
+        return dataclasses.replace(self, train=Subset(self.train, chosen * repeats))
+
 
 def digits_splits(img_size: int = 32, split_seed: int = 0) -> DataSplits:
     """The embedded ``digits`` set as stratified train/val/test splits of ``(3, img_size, img_size)`` tensors.
@@ -165,6 +193,16 @@ def _folder_split(root: Path, split: str, transform, required: bool = True):
         raise DataError(f"Split folder {path} has no images usable as {path}/<class>/<image>: {e}") from e
     ds.transform = transform
     return ds
+
+
+def _labels(ds: Dataset) -> List[int]:
+    """Class index of every sample, without loading images (TensorDataset, timm ImageDataset, Subset)."""
+    if isinstance(ds, Subset):
+        inner = _labels(ds.dataset)
+        return [inner[i] for i in ds.indices]
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].tolist()
+    return [int(target) for _, target in ds.reader.samples]
 
 
 def _classes(ds) -> List[str]:

@@ -125,6 +125,8 @@ class Trainer:
         self.data: DataSplits = load_data(cfg.dataset, cfg.data_dir, cfg.img_size, pretrained_cfg).limited(
             cfg.limit_train, cfg.limit_eval
         )
+        if cfg.train_subset is not None:
+            self.data = self.data.train_subset(cfg.train_subset, cfg.seed)
         num_classes = cfg.num_classes or self.data.num_classes
         if num_classes < self.data.num_classes:
             raise ValueError(f"--num-classes {num_classes} is below the dataset's {self.data.num_classes} classes.")
