@@ -240,7 +240,7 @@ def test_grad_accum_steps_once_per_two_batches(tmp_path, monkeypatch):
 def test_bfloat16_autocast_on_cpu(tmp_path):
     t = Trainer(TrainConfig(out=str(tmp_path / "r"), **TINY_CFG, amp_dtype="bfloat16", device="cpu"), echo=False)
     x, y = next(iter(t.train_loader))
-    out = t._step(x, y, update=True)
+    out = t.train_step(x, y)
     assert t.use_amp and out.logits[0].dtype == torch.bfloat16
 
 

@@ -200,7 +200,7 @@ class Trainer:
             return x, mixup_target(y, self.num_classes, smoothing=self.cfg.smoothing)
         return x, y
 
-    def _step(self, x: torch.Tensor, target: torch.Tensor, update: bool) -> RecipeOutput:
+    def train_step(self, x: torch.Tensor, target: torch.Tensor, update: bool = True) -> RecipeOutput:
         """Forward/backward on a batch (mixed precision when enabled; loss divided by
         ``grad_accum_steps``); with ``update`` also clip and step. Returns the recipe's output."""
         autocast = torch.autocast(self.dist.device.type, dtype=self.amp_dtype) if self.use_amp else nullcontext()
@@ -233,7 +233,7 @@ class Trainer:
             if self.cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             x, target = self._targets(x, y)
-            out = self._step(x, target, update=(i + 1) % self.cfg.grad_accum_steps == 0 or i == last)
+            out = self.train_step(x, target, update=(i + 1) % self.cfg.grad_accum_steps == 0 or i == last)
             n = len(y)
             names = names or sorted(out.terms)
             row = torch.tensor(
