@@ -232,3 +232,22 @@ def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     return hub_server
+
+
+def publish_timm_weights(repo: str, architecture: str = "test_resnet", seed: int = 123) -> Dict[str, object]:
+    """Upload a timm-format checkpoint of ``architecture`` (seeded random weights, ``model.safetensors``
+    + ``config.json``) to ``repo`` on the Hub ``huggingface_hub`` points at (the ``hub`` fixture); returns the weights."""
+    import safetensors.torch
+    import timm
+    import torch
+    from huggingface_hub import HfApi
+
+    torch.manual_seed(seed)
+    weights = timm.create_model(architecture).state_dict()
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    config = {"architecture": architecture, "num_classes": 1000,
+              "pretrained_cfg": timm.models.get_pretrained_cfg(architecture).to_dict()}
+    api.upload_file(path_or_fileobj=safetensors.torch.save(weights), path_in_repo="model.safetensors", repo_id=repo)
+    api.upload_file(path_or_fileobj=json.dumps(config).encode(), path_in_repo="config.json", repo_id=repo)
+    return weights

@@ -8,14 +8,13 @@ from typing import Dict
 
 import pytest
 import safetensors.torch
-import timm
 import torch
 
 from coopnets.cli import main as coopnets_main
 from coopnets.train import TrainConfig, Trainer, train
 from coopnets.train.state import CHECKPOINT, load_checkpoint
 
-from hub_server import hub, hub_server  # noqa: F401  (pytest fixtures)
+from hub_server import hub, hub_server, publish_timm_weights  # noqa: F401  (pytest fixtures)
 
 TINY = ["--model", "test_resnet", "--img-size", "16", "--limit-train", "64", "--limit-eval", "32",
         "--batch-size", "32", "--profile-repeats", "1", "--no-progress", "--epochs", "1", "--method", "multi_exit"]
@@ -109,23 +108,9 @@ def test_a_new_run_into_a_finished_folder_is_refused_untouched(finished_run, cap
 
 
 # --- B: pretrained starts and model build ----------------------------------------------------
-def _publish_timm_weights(hub_server_url_unused, repo: str) -> Dict[str, torch.Tensor]:
-    from huggingface_hub import HfApi
-
-    torch.manual_seed(123)
-    weights = timm.create_model("test_resnet").state_dict()
-    api = HfApi()
-    api.create_repo(repo, exist_ok=True)
-    config = {"architecture": "test_resnet", "num_classes": 1000,
-              "pretrained_cfg": timm.models.get_pretrained_cfg("test_resnet").to_dict()}
-    api.upload_file(path_or_fileobj=safetensors.torch.save(weights), path_in_repo="model.safetensors", repo_id=repo)
-    api.upload_file(path_or_fileobj=json.dumps(config).encode(), path_in_repo="config.json", repo_id=repo)
-    return weights
-
-
 def test_pretrained_starts_from_timms_weights_through_timms_loading(hub, tmp_path):
     # test_resnet's default tag resolves to hf_hub_id timm/test_resnet.r160_in1k, served by the local Hub
-    weights = _publish_timm_weights(None, "timm/test_resnet.r160_in1k")
+    weights = publish_timm_weights("timm/test_resnet.r160_in1k")
     cfg = TrainConfig(out=str(tmp_path / "run"), **{**TINY_CFG, "method": "cooperative"}, pretrained=True)
     trainer = Trainer(cfg, echo=False)
     for net in (trainer.recipe.teammate_a.backbone, trainer.recipe.teammate_b.backbone, trainer.recipe.leader):
@@ -138,7 +123,7 @@ def test_pretrained_starts_from_timms_weights_through_timms_loading(hub, tmp_pat
 
 
 def test_pretrained_cli_with_lr_zero_saves_exactly_the_pretrained_backbone(hub, tmp_path):
-    weights = _publish_timm_weights(None, "timm/test_resnet.r160_in1k")
+    weights = publish_timm_weights("timm/test_resnet.r160_in1k")
     run = tmp_path / "ft"
     assert coopnets_main(["train", *TINY, "--pretrained", "--lr", "0", "--warmup-lr", "0", "--weight-decay", "0",
                           "--out", str(run)]) == 0

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Type
 
 from .. import __version__
 from ..models import PLANS
+from ..train.best import EVAL_METRICS
 from ..train.config import AMP_DTYPES, CLIP_MODES, TrainConfig
 from ..train.data import DATASETS
 from ..train.recipe import RECIPES
@@ -108,9 +109,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cutmix", type=float, default=d.cutmix, help="cutmix alpha (> 0 enables CutMix)")
     parser.add_argument("--seed", type=int, default=d.seed, help="random seed")
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
+    parser.add_argument("--amp", dest="amp", action="store_true", default=d.amp,
+                        help="mixed precision (timm's flag; on by default where supported: CUDA, or bfloat16 on CPU)")
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision")
     parser.add_argument("--amp-dtype", default=d.amp_dtype, choices=AMP_DTYPES,
                         help="mixed precision dtype (float16: CUDA only; bfloat16: CUDA and CPU)")
+    parser.add_argument("--model-ema", action="store_true",
+                        help="keep timm's ModelEmaV3 of the nets, validate it at every depth and deploy it")
+    parser.add_argument("--model-ema-decay", type=float, default=d.model_ema_decay, help="EMA decay")
+    parser.add_argument("--model-ema-warmup", action="store_true", help="EMA decay warmup (timm's use_warmup)")
+    parser.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile the training step with this backend (flag alone: inductor)")
+    parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP (CUDA)")
+    parser.add_argument("--checkpoint-hist", type=int, default=d.checkpoint_hist,
+                        help="best epochs kept as best-<epoch>.pth; the best is published (0: the last epoch is)")
+    parser.add_argument("--eval-metric", default=d.eval_metric, choices=sorted(EVAL_METRICS),
+                        help="validation metric that ranks epochs (over the deployable net's depths)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--recipe-opt", action="append", default=[], metavar="KEY=VALUE",

@@ -14,11 +14,13 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
+from .best import EVAL_METRICS
+
 #: fields a ``--resume`` may change: they do not alter what the run computes (``epochs``
 #: only extends or shortens the schedule; the others are where/how fast it runs and what
 #: it prints). Everything else (model, data, optimiser, seed, recipe...) would make the
 #: resumed run a different run than its checkpoint's.
-RESUME_MAY_CHANGE = frozenset({"epochs", "workers", "progress", "device", "profile_repeats", "resume"})
+RESUME_MAY_CHANGE = frozenset({"epochs", "workers", "progress", "device", "profile_repeats", "resume", "torchcompile"})
 
 #: timm train.py's ``--clip-mode`` choices and the AMP dtypes
 CLIP_MODES = ("norm", "value", "agc")
@@ -50,7 +52,10 @@ class TrainConfig:
         model_kwargs: extra ``timm.create_model`` keyword arguments (``drop_path_rate``...).
         momentum, clip_grad, clip_mode, min_lr, warmup_lr, decay_epochs, decay_rate,
             layer_decay, smoothing, mixup, cutmix, grad_accum_steps, channels_last,
-            amp_dtype: as timm's ``train.py`` options of the same names.
+            amp_dtype, model_ema, model_ema_decay, model_ema_warmup, torchcompile, sync_bn,
+            checkpoint_hist, eval_metric: as timm's ``train.py`` options of the same names
+            (``checkpoint_hist``: best epochs kept, the best one is published; 0: the last
+            epoch is; ``eval_metric``: a key of :data:`~coopnets.train.best.EVAL_METRICS`).
     """
 
     out: str = "runs/default"
@@ -97,6 +102,13 @@ class TrainConfig:
     grad_accum_steps: int = 1
     channels_last: bool = False
     amp_dtype: str = "float16"
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False
+    torchcompile: Optional[str] = None
+    sync_bn: bool = False
+    checkpoint_hist: int = 1
+    eval_metric: str = "mean_accuracy"
 
     def check(self) -> None:
         """Raise ``ValueError`` (one line, every problem) when a value is out of range.
@@ -128,6 +140,14 @@ class TrainConfig:
         need("decay_epochs", self.decay_epochs > 0, "> 0")
         need("clip_mode", self.clip_mode in CLIP_MODES, f"one of {', '.join(CLIP_MODES)}")
         need("amp_dtype", self.amp_dtype in AMP_DTYPES, f"one of {', '.join(AMP_DTYPES)}")
+        need("model_ema_decay", 0 < self.model_ema_decay < 1, "in (0, 1)")
+        need("checkpoint_hist", self.checkpoint_hist >= 0, ">= 0")
+        need("eval_metric", self.eval_metric in EVAL_METRICS, f"one of {', '.join(EVAL_METRICS)}")
+        if self.torchcompile is not None:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            need("torchcompile", self.torchcompile in backends, f"one of {', '.join(backends)}")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             problems.append(f"--batch-size must be even with --mixup/--cutmix (got {self.batch_size})")
         if problems:

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Type
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Set, Tuple, Type
 
 import torch
+from timm.models import group_parameters
 from torch import nn
 
 from ..models.depth_adaptive import DepthAdaptiveModel
@@ -109,6 +110,57 @@ class Recipe(nn.Module):
     def deployable(self, val_accuracy: Mapping[str, List[float]]) -> str:
         """Name (a key of :meth:`eval_models`) of the net to deploy, given per-depth val accuracy."""
         return max(val_accuracy, key=lambda k: sum(val_accuracy[k]) / len(val_accuracy[k]))
+
+    # --- timm's optimizer hooks, over every net of the recipe ---------------------------
+    def _timm_nets(self, hook: str) -> List[Tuple[str, nn.Module]]:
+        """The outermost submodules that have timm's ``hook`` (the nets: Teammates, Leader...), by name."""
+        found: List[Tuple[str, nn.Module]] = []
+        for name, module in self.named_modules():
+            if name and hasattr(module, hook) and not any(name.startswith(f + ".") for f, _ in found):
+                found.append((name, module))
+        return found
+
+    def no_weight_decay(self) -> Set[str]:
+        """Every net's ``no_weight_decay()`` names, prefixed with the net's name in the recipe.
+
+        timm's ``create_optimizer_v2`` reads it, so e.g. a ViT's ``pos_embed`` stays out of
+        weight decay in every net a recipe trains.
+        """
+        return {f"{prefix}.{n}" for prefix, net in self._timm_nets("no_weight_decay") for n in net.no_weight_decay()}
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float]]:
+        """Layer ordinals for timm's layer-wise lr decay (``--layer-decay``) over all nets.
+
+        Each net keeps its own ``group_matcher`` layering; nets are aligned at the top, so
+        every net's last layer (its heads) gets the full learning rate and its earlier layers
+        decay from there, as they would when the net is trained alone. Parameters outside
+        such nets (e.g. distillation projections) count as top layer.
+
+        Example:
+            >>> import coopnets
+            >>> from timm.optim import create_optimizer_v2
+            >>> r = create_recipe("cooperative", lambda: coopnets.wrap("test_resnet", num_classes=3))
+            >>> opt = create_optimizer_v2(r, "sgd", lr=1.0, layer_decay=0.5)
+            >>> scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+            >>> [scale[id(r.get_parameter(n))] for n in ("teammate_a.backbone.conv1.0.weight",
+            ...     "leader.conv1.0.weight", "teammate_b.exits.0.fc.weight", "teammate_a.backbone.fc.weight")]
+            [0.03125, 0.03125, 0.0625, 1.0]
+        """
+        layer_of: Dict[str, int] = {}
+        tops: Dict[str, int] = {}
+        for prefix, net in self._timm_nets("group_matcher"):
+            ids = group_parameters(net, net.group_matcher(coarse=coarse), reverse=True)
+            tops[prefix] = max(ids.values(), default=0)
+            layer_of.update({f"{prefix}.{name}": (prefix, layer) for name, layer in ids.items()})
+        top = max(tops.values(), default=0)
+
+        def ordinal(name: str) -> Tuple[float]:
+            if name not in layer_of:
+                return (float(top),)
+            prefix, layer = layer_of[name]
+            return (float(layer + top - tops[prefix]),)
+
+        return ordinal
 
 
 RECIPES: Dict[str, Type[Recipe]] = {}

@@ -8,7 +8,15 @@ writes the checkpoint ``last.pth`` atomically (:mod:`.state`) with recipe, optim
 scheduler, AMP scaler, epoch and the RNG states of torch, numpy and python, so
 ``resume=True`` continues bit-for-bit.
 
-At the end (rank 0 only) the net chosen by ``recipe.deployable`` is scored on the test
+Options of timm's ``train.py`` live here too: ``model_ema`` keeps timm's ``ModelEmaV3`` of
+the whole recipe, validated at every depth beside the trained nets (``<net>_ema``; with EMA
+the deployable net is chosen among the EMA nets, as timm selects on EMA metrics);
+``torchcompile`` compiles the training step (the recipe's forward with its loss);
+``sync_bn`` converts BatchNorm to SyncBatchNorm under DDP on CUDA; ``checkpoint_hist``
+keeps the best epochs by ``eval_metric`` (:mod:`.best`).
+
+At the end (rank 0 only) the best kept epoch's weights are restored (the last epoch's
+with ``checkpoint_hist=0``) and the net chosen by ``recipe.deployable`` is scored on the test
 split at every depth and profiled (:func:`coopnets.profile`); the per-depth table is
 printed and written to ``results.md`` and ``results.png`` (accuracy vs FLOPs). The
 deployable net goes to ``model/`` (safetensors), every other child of the recipe (the
@@ -16,7 +24,7 @@ other Teammate, the Leader...) to ``<name>.safetensors``.
 
 Run folder::
 
-    config.json  metrics.jsonl  last.pth  results.md  results.png  model/  <name>.safetensors
+    config.json  metrics.jsonl  last.pth  best-<epoch>.pth  results.md  results.png  model/  <name>.safetensors
 
 ``method="independent"`` without a ``depth`` option trains one such run per depth in
 ``depth1/ .. depthD/`` and writes the combined ``results.md``/``results.png`` beside them
@@ -45,13 +53,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from timm.data.mixup import Mixup, mixup_target
-from timm.utils import dispatch_clip_grad
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm.auto import tqdm
 
 from ..hub import save_pretrained, write_safetensors
 from ..inference.profiler import profile
 from ..models import DepthAdaptiveModel, eval_mode
 from . import distributed as ddp
+from .best import BestEpochs, score_of
 from .build import create_optimization, make_loader, model_factory, timm_pretrained_cfg
 from .config import TrainConfig
 from .data import DataSplits, load_data
@@ -62,6 +71,8 @@ from .state import (CHECKPOINT, CheckpointReadError, load_checkpoint, prepare_ru
 
 #: the run's settings, in its run folder
 CONFIG = "config.json"
+#: suffix of the EMA copies' names among the validated nets
+EMA = "_ema"
 
 
 def check_resume(cfg: TrainConfig, out: Path, world_size: int = 1) -> None:
@@ -134,6 +145,11 @@ class Trainer:
                                 model_kwargs=cfg.model_kwargs, img_size=cfg.img_size,
                                 initial_checkpoint=cfg.initial_checkpoint)
         self.recipe: Recipe = create_recipe(cfg.method, factory, cfg.recipe_opts).to(self.dist.device)
+        if cfg.sync_bn and self.dist.distributed:
+            if self.dist.device.type != "cuda":
+                raise ValueError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop it for "
+                                 "gloo/CPU runs.")
+            self.recipe = nn.SyncBatchNorm.convert_sync_batchnorm(self.recipe)
         if cfg.channels_last:
             self.recipe.to(memory_format=torch.channels_last)
         self.optimizer, self.scheduler = create_optimization(self.recipe, cfg)
@@ -153,7 +169,13 @@ class Trainer:
         )
         self.train_loader = make_loader(self.data.train, cfg.batch_size, cfg.workers, self.sampler)
         self.val_loader = make_loader(self.data.val, cfg.batch_size, cfg.workers)
+        self.ema: Optional[ModelEmaV3] = None
+        if cfg.model_ema:
+            self.ema = ModelEmaV3(self.recipe, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
+        self.updates = 0  # optimizer steps so far (EMA warmup)
+        self.best = BestEpochs(self.out, cfg.checkpoint_hist)
         self.start_epoch, self.elapsed, self.val_acc = 0, 0.0, {}
+        self.epoch = 0  # the epoch the nets hold
         if saved is not None:
             self._restore(saved, resume_from)
         self.model = self.recipe
@@ -162,6 +184,8 @@ class Trainer:
             self.model = DistributedDataParallel(
                 self.recipe, device_ids=ids, find_unused_parameters=not self.recipe.trains_all_parameters
             )
+        if cfg.torchcompile:
+            self.model = torch.compile(self.model, backend=cfg.torchcompile)
 
     # --- state ----------------------------------------------------------------------
     def _state(self, epoch: int) -> Dict[str, Any]:
@@ -169,7 +193,14 @@ class Trainer:
             "recipe": self.recipe.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": epoch, "elapsed_s": self.elapsed, "val_accuracy": self.val_acc, "rng": rng_state(),
+            "ema": self.ema.state_dict() if self.ema is not None else None, "updates": self.updates,
+            "best": [list(kept) for kept in self.best.ledger],
         }
+
+    def _weights(self) -> Dict[str, Any]:
+        """What a kept best epoch stores: the nets' weights (recipe and EMA), not the optimizer."""
+        return {"recipe": self.recipe.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+                "val_accuracy": self.val_acc}
 
     def _restore(self, state: Dict[str, Any], path: Path) -> None:
         try:
@@ -177,11 +208,15 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"] or {})
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointReadError(f"{path} does not fit this run's nets or optimizer ({first[:200]}); resume "
                                       f"with the run's own settings or start a new run with another --out.") from None
         self.start_epoch, self.elapsed, self.val_acc = state["epoch"], state["elapsed_s"], state["val_accuracy"]
+        self.updates, self.epoch = state.get("updates", 0), self.start_epoch
+        self.best = BestEpochs(self.out, self.cfg.checkpoint_hist, state.get("best", ()))
         set_rng_state(state["rng"])
         if self.dist.is_main:
             truncate_metrics(self.out / METRICS, self.start_epoch)
@@ -215,6 +250,9 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            self.updates += 1
+            if self.ema is not None:
+                self.ema.update(self.recipe, step=self.updates)
         return out
 
     def train_epoch(self, epoch: int) -> Dict[str, Any]:
@@ -254,9 +292,23 @@ class Trainer:
             "terms": {k: float(v / sums[1]) for k, v in zip(names, sums[2 + depths:])},
         }
 
+    def eval_nets(self) -> Dict[str, DepthAdaptiveModel]:
+        """The nets validated every epoch: the recipe's eval nets, and their EMA copies as ``<name>_ema``."""
+        nets = dict(self.recipe.eval_models())
+        if self.ema is not None:
+            nets.update({name + EMA: net for name, net in self.ema.module.eval_models().items()})
+        return nets
+
+    def deployable(self) -> str:
+        """The net to deploy, by the recipe's rule on the validation accuracy; with EMA, among the EMA nets."""
+        if self.ema is None:
+            return self.recipe.deployable(self.val_acc)
+        ema_acc = {name[:-len(EMA)]: acc for name, acc in self.val_acc.items() if name.endswith(EMA)}
+        return self.ema.module.deployable(ema_acc) + EMA
+
     def validate(self, loader: DataLoader) -> Dict[str, List[float]]:
         """Per-depth accuracy of every eval net on ``loader``."""
-        return {name: evaluate(m, loader, self.dist.device) for name, m in self.recipe.eval_models().items()}
+        return {name: evaluate(m, loader, self.dist.device) for name, m in self.eval_nets().items()}
 
     def fit(self) -> Dict[str, Any]:
         """Train the remaining epochs, then write the final table and models. Returns the summary (rank 0)."""
@@ -265,6 +317,7 @@ class Trainer:
             write_json(self.out / CONFIG, {**dataclasses.asdict(self.cfg), "world_size": self.dist.world_size,
                                            "command": self.cfg.command(self.dist.world_size)})
         for epoch in range(self.start_epoch, self.cfg.epochs):
+            self.epoch = epoch + 1
             start = time.perf_counter()
             stats = self.train_epoch(epoch)
             self.scheduler.step(epoch + 1)
@@ -276,7 +329,10 @@ class Trainer:
                 record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **stats,
                           "val_accuracy": self.val_acc, "elapsed_s": self.elapsed}
                 append_jsonl(self.out / METRICS, record)
+                score = score_of(self.val_acc[self.deployable()], self.cfg.eval_metric)
+                evicted = self.best.offer(score, epoch + 1, self._weights)
                 save_atomic(self._state(epoch + 1), self.out / CHECKPOINT)
+                self.best.remove(evicted)
                 self.log(epoch_line(record))
             ddp.barrier()
         summary = self.finish() if self.dist.is_main else {}
@@ -284,10 +340,23 @@ class Trainer:
         return summary
 
     # --- the end ----------------------------------------------------------------------
+    def _restore_best(self) -> int:
+        """Load the best kept epoch's weights and validation accuracy; returns the epoch the nets now hold."""
+        epoch = self.best.best()
+        if epoch is None:
+            return self.epoch
+        kept = self.best.load(epoch)
+        self.recipe.load_state_dict(kept["recipe"])
+        if self.ema is not None:
+            self.ema.load_state_dict(kept["ema"])
+        self.val_acc = kept["val_accuracy"]
+        return epoch
+
     def finish(self) -> Dict[str, Any]:
-        """Test every eval net, profile the deployable one, write table, plot and models."""
-        nets = self.recipe.eval_models()
-        best = self.recipe.deployable(self.val_acc)
+        """Restore the best kept epoch, test every eval net, profile the deployable one, write table, plot and models."""
+        epoch = self._restore_best()
+        nets = self.eval_nets()
+        best = self.deployable()
         test_loader = make_loader(self.data.test, self.cfg.batch_size, self.cfg.workers)
         test = self.validate(test_loader)
         references = {name: evaluate(m, test_loader, self.dist.device)[0]
@@ -297,11 +366,13 @@ class Trainer:
             r["accuracy"] = test[best][r["depth"] - 1]
             r.update({f"acc {name}": acc[r["depth"] - 1] for name, acc in test.items() if name != best})
         info = {"method": self.cfg.method, "model": self.cfg.model, "dataset": self.cfg.data_dir or self.cfg.dataset,
-                "epochs": self.cfg.epochs, "seed": self.cfg.seed, "command": self.cfg.command(self.dist.world_size),
+                "epochs": self.cfg.epochs, "selected_epoch": epoch, "eval_metric": self.cfg.eval_metric,
+                "seed": self.cfg.seed, "command": self.cfg.command(self.dist.world_size),
                 "deployable": best, "wall_time_s": self.elapsed, "val_accuracy": self.val_acc, "test_accuracy": test,
                 "test_split": self.data.test_split}
-        about = (f"Deployable net: **{best}** (best mean val accuracy over depths). `accuracy` is its test accuracy "
-                 f"per depth; `acc NAME` columns are the other nets'.")
+        about = (f"Deployable net: **{best}** (best mean val accuracy over depths), weights of epoch {epoch} "
+                 f"(best val {self.cfg.eval_metric} of {self.cfg.checkpoint_hist} kept; 0: the last epoch). "
+                 f"`accuracy` is its test accuracy per depth; `acc NAME` columns are the other nets'.")
         if references:
             info["reference_test_accuracy"] = references
             about += " Plain networks trained in the same run, test accuracy: " + ", ".join(
