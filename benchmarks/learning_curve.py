@@ -1,0 +1,596 @@
+"""Learning curves: every training method on training sets of increasing size, with honest statistics.
+
+Each method (``cooperative`` first, then every other registered recipe) is trained through
+the shared trainer (:func:`coopnets.train.train`) on stratified subsets of the train split
+(``TrainConfig.train_subset``: ``N`` images drawn with the run's seed, repeated so every
+epoch keeps about as many samples as the whole split, hence the same optimiser steps and
+validations at every size). Val and test splits stay whole. Runs are *paired*: one seed
+draws the same subset, and (where the recipe allows) the same initialisation of the first
+net, for every method.
+
+Reported in ``--out`` (``learning_curve.md`` / ``.png`` / ``.json``):
+
+* per method, size and depth: mean test accuracy over seeds with a 95 % t-interval, and the
+  mean over depths (computed per run, then the interval over seeds);
+* ``cooperative`` three ways: the deployed Teammate (the better on validation, a best-of-two
+  choice the other recipes do not get), the other Teammate, and the Teammates' mean (the
+  fair row used in the paired differences);
+* paired differences over matching seeds with t-intervals, for the seed papers' claims:
+  cooperative vs every other method (mean over depths), ekd vs independent (per depth and
+  mean), mlcsd vs byot (per depth and mean; MLCSD claims +1.18 points);
+* the section "MLCSD on the 8-exit ResNet-18 layout": ``mlcsd`` and ``byot`` on
+  ``resnet18`` with ``model_kwargs={"exit_points": "blocks"}`` (two exits per stage, as
+  MLCSD-Net), skipped with a note while the installed coopnets lacks that option;
+* training cost: the trainer's ``wall_time_s`` (``independent``: the sum of its one run
+  per depth), mean per method, relative to ``cooperative``.
+
+Runs execute ``--jobs`` at a time in subprocesses (one torch thread each). Each finished
+run's summary is written to ``RUNS_DIR/<section>/<method>-n<size>-s<seed>.json`` at once,
+so ``--resume`` skips finished runs after an interruption (or adds seeds, sizes or the
+8-exit section to a finished study); the report always covers every run found there.
+A hand-written "## What this shows" section already in the Markdown is kept on rewrite.
+
+Examples::
+
+    python benchmarks/learning_curve.py                       # the committed study (digits)
+    python benchmarks/learning_curve.py --resume              # continue / add the 8-exit section
+    python benchmarks/learning_curve.py --data-dir /data/imagenette --model resnet18 --img-size 128 \\
+        --sizes 100 500 2000 all --out results/imagenette --runs-dir runs/lc-imagenette
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import os
+import shlex
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_methods import REFERENCE, default_methods  # noqa: E402
+from latency import machine  # noqa: E402
+
+from coopnets.train import TrainConfig, train  # noqa: E402
+from coopnets.train.recipe import RECIPES  # noqa: E402
+
+NAME = "learning_curve"
+MAIN, EXIT8 = "main", "exit8"
+#: the deployed Teammate, the other one, their mean (rows of ``cooperative``)
+COOP_DEPLOYED, COOP_OTHER, COOP_MEAN = REFERENCE, f"{REFERENCE} (other teammate)", f"{REFERENCE} (teammates' mean)"
+HANDWRITTEN = "## What this shows"
+CLAIMS = {"ekd": "independent", "mlcsd": "byot"}
+MLCSD_CLAIM = 1.18  # points of average accuracy over self-distillation (MLCSD-Net)
+
+
+# --- statistics -------------------------------------------------------------------------
+def t_interval(values: Sequence[float], level: float = 0.95) -> Dict[str, float]:
+    """Mean and two-sided t-interval of ``values`` (``lo``/``hi`` are NaN for fewer than 2 values).
+
+    Example:
+        >>> r = t_interval([1.0, 2.0, 3.0]); r["mean"], round(r["hi"] - r["mean"], 3), r["n"]
+        (2.0, 2.484, 3)
+    """
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    if n < 2:
+        return {"mean": mean, "lo": float("nan"), "hi": float("nan"), "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Dict[str, Any]:
+    """``a - b`` over the seeds both have: mean with t-interval, the seeds and how many favour ``a``.
+
+    Example:
+        >>> d = paired_difference({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.88, 1: 0.79, 2: 0.80, 3: 0.1})
+        >>> d["seeds"], round(d["mean"], 4), d["wins"]
+        ([0, 1, 2], 0.0267, 3)
+    """
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    return {**t_interval(diffs), "seeds": seeds, "wins": sum(d > 0 for d in diffs)}
+
+
+# --- runs ---------------------------------------------------------------------------------
+def run_key(section: str, method: str, size: int, seed: int) -> str:
+    return f"{section}/{method}-n{size}-s{seed}"
+
+
+def nets_test_accuracy(summary: Mapping[str, Any]) -> Dict[str, List[float]]:
+    """Per-depth test accuracy of every eval net of a run (cooperative: both Teammates).
+
+    ``Trainer.fit`` returns the deployed net's list as ``test_accuracy``; the other nets'
+    numbers are its per-depth rows' ``acc NAME`` columns.
+    """
+    acc = summary["test_accuracy"]
+    if isinstance(acc, Mapping):
+        return {k: list(v) for k, v in acc.items()}
+    nets = {summary.get("deployable") or "net": list(acc)}
+    for row in summary.get("per_depth", []):
+        for k, v in row.items():
+            if k.startswith("acc "):
+                nets.setdefault(k[4:], []).append(v)
+    return nets
+
+
+def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Train one run (``spec``: key, config fields, file paths) and save its record as JSON; return it."""
+    cfg = TrainConfig(**spec["config"], out=spec["work_dir"])
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    start = time.perf_counter()
+    summary = train(cfg, echo=False)
+    nets = nets_test_accuracy(summary)
+    record = {
+        **{k: spec[k] for k in ("key", "section", "method", "size", "seed")},
+        "accuracy": list(summary["test_accuracy"]) if not isinstance(summary["test_accuracy"], Mapping)
+        else nets[summary["deployable"]],
+        "nets_test_accuracy": nets, "deployable": summary.get("deployable"),
+        "val_accuracy": summary.get("val_accuracy"), "reference_test_accuracy": summary.get("reference_test_accuracy"),
+        "wall_time_s": summary["wall_time_s"], "run_wall_time_s": summary.get("run_wall_time_s"),
+        "process_time_s": time.perf_counter() - start, "config": spec["config"],
+    }
+    path = Path(spec["record"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+    shutil.rmtree(cfg.out, ignore_errors=True)  # weights are not kept: the record has the numbers
+    return record
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN floats as None (strict JSON)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def plan_runs(sections: Mapping[str, Dict[str, Any]], seeds: Sequence[int], runs_dir: Path) -> List[Dict[str, Any]]:
+    """Every run of the study, seeds outermost (an interrupted study has whole seeds), methods innermost."""
+    specs = []
+    for section, s in sections.items():
+        for seed in seeds:
+            for size in s["sizes"]:
+                for method in s["methods"]:
+                    key = run_key(section, method, size, seed)
+                    config = {**s["config"], "method": method, "seed": seed,
+                              "train_subset": None if size == s["full_size"] else size}
+                    specs.append({"key": key, "section": section, "method": method, "size": size, "seed": seed,
+                                  "config": config, "record": str(runs_dir / f"{key}.json"),
+                                  "work_dir": str(runs_dir / "work" / key)})
+    return specs
+
+
+def load_records(runs_dir: Path) -> List[Dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*/*.json"))]
+
+
+def execute(specs: List[Dict[str, Any]], jobs: int, resume: bool) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """Run the specs not finished yet (``resume``: records on disk with the same settings count as
+    finished; a record with other settings is refused). Returns (new records, failed keys)."""
+    todo = []
+    for spec in specs:
+        path = Path(spec["record"])
+        if path.is_file() and resume:
+            saved = json.loads(path.read_text())
+            if saved.get("config") != json.loads(json.dumps(spec["config"])):
+                raise SystemExit(f"--resume: {path} was trained with other settings than this invocation's; "
+                                 f"use another --runs-dir or the study's own settings.")
+            continue
+        if path.is_file():
+            raise SystemExit(f"{path} exists: pass --resume to keep finished runs, or another --runs-dir.")
+        todo.append(spec)
+    done: List[Dict[str, Any]] = []
+    failed: List[str] = []
+    if not todo:
+        return done, failed
+
+    def report(spec: Dict[str, Any], fut_result) -> None:
+        try:
+            r = fut_result()
+        except Exception as e:  # one failed run does not end the study
+            failed.append(spec["key"])
+            bar.write(f"FAILED {spec['key']}: {type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}")
+            return
+        done.append(r)
+        accs = "/".join(f"{100 * a:.1f}" for a in r["accuracy"])
+        bar.write(f"{r['key']:36s} acc {accs}  train {r['wall_time_s']:.0f}s")
+
+    with tqdm(total=len(todo), unit="run", dynamic_ncols=True, smoothing=0.05) as bar:
+        if jobs <= 1:
+            for spec in todo:
+                bar.set_description(spec["key"])
+                report(spec, lambda s=spec: run_one(s))
+                bar.update(1)
+        else:
+            with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
+                futures = {pool.submit(run_one, spec): spec for spec in todo}
+                for fut in cf.as_completed(futures):
+                    report(futures[fut], fut.result)
+                    bar.update(1)
+    return done, failed
+
+
+# --- tables -------------------------------------------------------------------------------
+def by_row(records: Iterable[Mapping[str, Any]]) -> Dict[str, Dict[str, Dict[int, Dict[int, List[float]]]]]:
+    """section -> row name -> size -> seed -> per-depth accuracy; ``cooperative`` gives three rows."""
+    out: Dict[str, Dict[str, Dict[int, Dict[int, List[float]]]]] = {}
+    for r in records:
+        rows = {r["method"]: r["accuracy"]}
+        if r["method"] == REFERENCE:
+            nets = r["nets_test_accuracy"]
+            other = next(v for k, v in nets.items() if k != r["deployable"])
+            rows[COOP_OTHER] = other
+            rows[COOP_MEAN] = [(a + b) / 2 for a, b in zip(r["accuracy"], other)]
+        for name, acc in rows.items():
+            out.setdefault(r["section"], {}).setdefault(name, {}).setdefault(r["size"], {})[r["seed"]] = list(acc)
+    return out
+
+
+def mean_over_depths(per_seed: Mapping[int, List[float]]) -> Dict[int, float]:
+    return {seed: sum(acc) / len(acc) for seed, acc in per_seed.items()}
+
+
+def summarise(rows: Mapping[str, Mapping[int, Mapping[int, List[float]]]]) -> Dict[str, Dict[int, Dict[str, Any]]]:
+    """row -> size -> {"per_depth": [interval...], "mean": interval}, intervals over seeds."""
+    table: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for name, sizes in rows.items():
+        for size, per_seed in sizes.items():
+            depths = len(next(iter(per_seed.values())))
+            table.setdefault(name, {})[size] = {
+                "per_depth": [t_interval([acc[d] for acc in per_seed.values()]) for d in range(depths)],
+                "mean": t_interval(list(mean_over_depths(per_seed).values())),
+            }
+    return table
+
+
+def differences(rows: Mapping[str, Mapping[int, Mapping[int, List[float]]]], a: str, b: str,
+                per_depth: bool = True) -> Dict[int, Dict[str, Any]]:
+    """size -> {"mean": paired difference of the mean over depths, "per_depth": [...]} for ``a - b``."""
+    out: Dict[int, Dict[str, Any]] = {}
+    if a not in rows or b not in rows:
+        return out
+    for size in sorted(set(rows[a]) & set(rows[b])):
+        ra, rb = rows[a][size], rows[b][size]
+        entry = {"mean": paired_difference(mean_over_depths(ra), mean_over_depths(rb))}
+        if per_depth:
+            depths = len(next(iter(ra.values())))
+            entry["per_depth"] = [paired_difference({s: v[d] for s, v in ra.items()}, {s: v[d] for s, v in rb.items()})
+                                  for d in range(depths)]
+        out[size] = entry
+    return out
+
+
+def costs(records: Iterable[Mapping[str, Any]], section: str) -> Dict[str, Dict[str, float]]:
+    """method -> mean trainer wall time over every run of the section, and relative to ``cooperative``."""
+    times: Dict[str, List[float]] = {}
+    for r in records:
+        if r["section"] == section:
+            times.setdefault(r["method"], []).append(r["wall_time_s"])
+    mean = {m: sum(v) / len(v) for m, v in times.items()}
+    ref = mean.get(REFERENCE)
+    return {m: {"wall_time_s": t, "runs": len(times[m]), "relative": t / ref if ref else float("nan")}
+            for m, t in mean.items()}
+
+
+def analyse(records: List[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Every table of the report, from the raw run records."""
+    rows = by_row(records)
+    result: Dict[str, Any] = {}
+    for section, sec_rows in rows.items():
+        others = [m for m in sec_rows if m not in (COOP_DEPLOYED, COOP_OTHER, COOP_MEAN)]
+        result[section] = {
+            "summary": summarise(sec_rows),
+            "cooperative_vs": {m: {"teammates_mean": differences(sec_rows, COOP_MEAN, m, per_depth=False),
+                                   "deployed": differences(sec_rows, COOP_DEPLOYED, m, per_depth=False)}
+                               for m in others},
+            "claims": {f"{a} - {b}": differences(sec_rows, a, b) for a, b in CLAIMS.items()
+                       if a in sec_rows and b in sec_rows},
+            "selection": differences(sec_rows, COOP_DEPLOYED, COOP_OTHER, per_depth=False),
+            "cost": costs(records, section),
+        }
+    return result
+
+
+# --- report -------------------------------------------------------------------------------
+def pct(iv: Mapping[str, float], signed: bool = False) -> str:
+    """``93.1 [91.8, 94.4]`` (percent points; NaN bounds for a single seed are left out)."""
+    f = "{:+.1f}" if signed else "{:.1f}"
+    text = f.format(100 * iv["mean"])
+    if not math.isnan(iv.get("lo", float("nan"))):
+        text += f" [{f.format(100 * iv['lo'])}, {f.format(100 * iv['hi'])}]"
+    return text
+
+
+def diff_cell(d: Mapping[str, Any]) -> str:
+    return f"{pct(d, signed=True)} ({d['wins']}/{len(d['seeds'])})"
+
+
+def table(head: List[str], body: List[List[str]]) -> List[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def ordered_rows(summary: Mapping[str, Any]) -> List[str]:
+    first = [r for r in (COOP_DEPLOYED, COOP_OTHER, COOP_MEAN) if r in summary]
+    return first + sorted(r for r in summary if r not in first)
+
+
+def size_label(size: int, full: Optional[int]) -> str:
+    return f"{size} (all)" if size == full else str(size)
+
+
+def section_markdown(res: Mapping[str, Any], full: Optional[int]) -> List[str]:
+    summary = res["summary"]
+    names = ordered_rows(summary)
+    sizes = sorted({s for v in summary.values() for s in v})
+    md = ["Test accuracy (%) averaged over depths (per run, then over seeds), mean [95 % t-interval over seeds]; "
+          "columns are training-set sizes.", ""]
+    md += table(["method"] + [size_label(s, full) for s in sizes],
+                [[f"`{n}`"] + [pct(summary[n][s]["mean"]) if s in summary[n] else "" for s in sizes] for n in names])
+    seeds_n = {iv["mean"]["n"] for v in summary.values() for iv in v.values()}
+    md += ["", f"Seeds per cell: {', '.join(map(str, sorted(seeds_n)))}.", ""]
+    coop_rows = [m for m in res["cooperative_vs"]]
+    if coop_rows:
+        md += ["**Paired differences, cooperative minus each method** (mean over depths, points, [95 % t-interval], "
+               "(seeds where cooperative is ahead / seeds)). Fair row: the two Teammates' mean, i.e. without the "
+               "best-of-two selection on validation; below it the deployed Teammate.", ""]
+        for kind, title in (("teammates_mean", "teammates' mean"), ("deployed", "deployed Teammate")):
+            md += [f"_{REFERENCE} ({title}) minus:_", ""]
+            md += table(["method"] + [size_label(s, full) for s in sizes],
+                        [[f"`{m}`"] + [diff_cell(res["cooperative_vs"][m][kind][s]["mean"])
+                                       if s in res["cooperative_vs"][m][kind] else "" for s in sizes]
+                         for m in coop_rows])
+            md.append("")
+    if res["selection"]:
+        md += ["**Selection effect**: deployed Teammate minus the other one, mean over depths: "
+               + "; ".join(f"n={size_label(s, full)}: {diff_cell(d['mean'])}" for s, d in res["selection"].items())
+               + ".", ""]
+    for name, diffs in res["claims"].items():
+        if not diffs:
+            continue
+        depths = len(next(iter(diffs.values()))["per_depth"])
+        md += [f"**Paired differences `{name}`** (points, [95 % t-interval], (seeds where the first is ahead / seeds)):", ""]
+        md += table(["size"] + [f"depth {d + 1}" for d in range(depths)] + ["mean over depths"],
+                    [[size_label(s, full)] + [diff_cell(x) for x in d["per_depth"]] + [f"**{diff_cell(d['mean'])}**"]
+                     for s, d in diffs.items()])
+        md.append("")
+    md += ["**Per depth** (test accuracy %, mean [95 % t-interval] over seeds):", ""]
+    for s in sizes:
+        depths = max(len(summary[n][s]["per_depth"]) for n in names if s in summary[n])
+        md += [f"_{size_label(s, full)} training images:_", ""]
+        md += table(["method"] + [f"depth {d + 1}" for d in range(depths)] + ["mean over depths"],
+                    [[f"`{n}`"] + [pct(iv) for iv in summary[n][s]["per_depth"]] + [f"**{pct(summary[n][s]['mean'])}**"]
+                     for n in names if s in summary[n]])
+        md.append("")
+    cost = res["cost"]
+    md += [f"**Training cost**: the trainer's `wall_time_s` (epochs incl. per-epoch validation; `independent`: the sum "
+           f"of its one run per depth), mean over every run of the section, relative to `{REFERENCE}`. Runs shared "
+           "the machine with each other (`--jobs`) and with other work, so these are rough.", ""]
+    md += table(["method", "runs", "train time (s)", f"vs {REFERENCE}"],
+                [[f"`{m}`", str(c["runs"]), f"{c['wall_time_s']:.1f}", f"{c['relative']:.2f}x"]
+                 for m, c in sorted(cost.items(), key=lambda kv: kv[0] != REFERENCE)])
+    return md + [""]
+
+
+def markdown(analysis: Mapping[str, Any], meta: Mapping[str, Any], kept: str) -> str:
+    s = meta["settings"]
+    data = s["data_dir"] or "digits (embedded: 1,077 train / 360 val / 360 test images, stratified split)"
+    mach = meta["machine"]
+    invocations = meta["invocations"]
+    total = sum(i["wall_s"] for i in invocations)
+    runs = [f"{i['started']}: {i['wall_s'] / 60:.1f} min, {i['trained']} runs trained" for i in invocations]
+    md = [
+        "# Learning curves: the training methods where data is scarce",
+        "",
+        f"Data: {data}; the training set of each run is a stratified random subset of the train split drawn with "
+        "the run's seed (the same subset for every method of that seed), repeated so every epoch has about as many "
+        "samples as the whole split (same steps and validations at every size). Val and test splits are whole. "
+        f"Backbone `{s['model']}`, plan `{s['plan']}`, {s['img_size']} px, {s['epochs']} epochs, batch "
+        f"{s['batch_size']}, {s['opt']} lr {s['lr']} ({s['sched']}), seeds {', '.join(map(str, s['seeds']))}. "
+        "Paired: one seed gives every method the same subset and the same initialisation of its first net "
+        "(cooperative's Teammate B and Leader are further draws).",
+        "",
+        f"Machine: {mach['cpu']}, {mach['cores']} cores (shared with other work), torch {mach['torch']}, timm "
+        f"{mach['timm']}, python {mach['python']}; {s['jobs']} runs at a time, 1 torch thread each. "
+        f"Ran {total / 60:.1f} min in {len(invocations)} invocation(s) "
+        f"({'; '.join(runs)}).",
+        "",
+        "Command (the study; a rerun with `--resume` keeps finished runs and adds missing ones):",
+        "",
+        "```",
+        meta["command"],
+        "```",
+        "",
+    ]
+    if MAIN in analysis:
+        md += ["## All methods", ""] + section_markdown(analysis[MAIN], meta.get("full_size"))
+    md += ["## MLCSD on the 8-exit ResNet-18 layout", ""]
+    if EXIT8 in analysis:
+        e = meta["exit8"]
+        md += [f"`mlcsd` and `byot` on `{e['model']}` with `model_kwargs={json.dumps(e['model_kwargs'])}` "
+               f"({e.get('num_depths', '?')} exits: after each residual block, as MLCSD-Net's two exits per stage), "
+               f"{e['img_size']} px, {e['epochs']} epochs, the same seeds and optimiser; otherwise as above.", ""]
+        md += section_markdown(analysis[EXIT8], meta.get("full_size"))
+    else:
+        md += [meta.get("exit8_note") or "Not run.", ""]
+    md.append(kept.rstrip() + "\n" if kept else f"{HANDWRITTEN}\n\n(To be written by hand from the numbers above.)\n")
+    return "\n".join(md)
+
+
+def plot(analysis: Mapping[str, Any], path: Path, full: Optional[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = [s for s in (MAIN, EXIT8) if s in analysis]
+    fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 4.8), squeeze=False)
+    titles = {MAIN: "all methods", EXIT8: "8-exit ResNet-18 layout"}
+    for ax, section in zip(axes[0], sections):
+        summary = analysis[section]["summary"]
+        for i, name in enumerate(n for n in ordered_rows(summary) if n != COOP_OTHER):
+            sizes = sorted(summary[name])
+            m = [100 * summary[name][s]["mean"]["mean"] for s in sizes]
+            lo = [100 * summary[name][s]["mean"]["lo"] for s in sizes]
+            hi = [100 * summary[name][s]["mean"]["hi"] for s in sizes]
+            color = "tab:blue" if name.startswith(REFERENCE) else f"C{i + 1}"
+            style = "--" if name == COOP_MEAN else "-"
+            ax.plot(sizes, m, style, marker="o", ms=3, color=color, label=name)
+            ax.fill_between(sizes, lo, hi, color=color, alpha=0.12)
+        ax.set_xscale("log")
+        ax.set_xlabel("training images (log scale)" + (f"; {full} = all" if full else ""))
+        ax.set_ylabel("test accuracy, mean over depths (%)")
+        ax.set_title(f"{titles[section]}: mean and 95 % CI over seeds", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- command line ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=None, help=f"recipes (default: all; {REFERENCE} is always run)")
+    p.add_argument("--sizes", nargs="+", default=["50", "100", "200", "500", "all"],
+                   help="training-set sizes drawn from the train split ('all': the whole split)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--data-dir", default=None, help="ImageFolder root (default: the embedded digits set)")
+    p.add_argument("--model", default="test_resnet", help="backbone of every method (zoo or timm name)")
+    p.add_argument("--plan", default="exits", choices=("exits", "blocks"))
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--opt", default="sgd")
+    p.add_argument("--sched", default="cosine")
+    p.add_argument("--device", default=None)
+    p.add_argument("--limit-train", type=int, default=None, help="first N train images only (smoke tests; sizes refer to them)")
+    p.add_argument("--limit-eval", type=int, default=None, help="first N val/test images only (smoke tests)")
+    p.add_argument("--no-exit8", action="store_true", help="skip the 8-exit ResNet-18 section")
+    p.add_argument("--exit8-model", default="resnet18")
+    p.add_argument("--exit8-img-size", type=int, default=32)
+    p.add_argument("--exit8-epochs", type=int, default=None, help="default: --epochs")
+    p.add_argument("--exit8-sizes", nargs="+", default=["100", "all"])
+    p.add_argument("--jobs", type=int, default=2, help="training runs at once, each in a subprocess with 1 torch thread")
+    p.add_argument("--resume", action="store_true", help="keep finished runs in --runs-dir, train the missing ones")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the table, plot and JSON")
+    p.add_argument("--runs-dir", default="runs/learning_curve", help="one JSON per finished run (and scratch run folders)")
+    return p
+
+
+def exit8_depths(model: str) -> Tuple[Optional[int], Optional[str]]:
+    """Number of exits of ``model`` with ``exit_points="blocks"``, or None and why not."""
+    import coopnets
+
+    try:
+        return coopnets.wrap(model, num_classes=10, exit_points="blocks").num_depths, None
+    except Exception as e:  # noqa: BLE001 - any failure means the layout is not available here
+        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def resolve_sizes(sizes: Sequence[str], full: int) -> List[int]:
+    out = sorted({full if s == "all" else int(s) for s in sizes})
+    bad = [s for s in out if s > full]
+    if bad:
+        raise SystemExit(f"--sizes {bad} exceed the train split's {full} images.")
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from coopnets.train.data import load_data
+
+    methods = args.methods or default_methods()
+    unknown = sorted(set(methods) - set(RECIPES))
+    if unknown:
+        raise SystemExit(f"Unknown method(s) {unknown}; valid methods: {', '.join(sorted(RECIPES))}.")
+    methods = [REFERENCE] + [m for m in methods if m != REFERENCE]
+    if len(args.seeds) < 5:
+        print(f"note: {len(args.seeds)} seed(s); the committed study uses at least 5.", file=sys.stderr)
+    if args.jobs <= 1:
+        torch.set_num_threads(1)
+    full = len(load_data("digits", args.data_dir, 8 if args.data_dir is None else args.img_size)
+               .limited(args.limit_train).train)
+    common = dict(data_dir=args.data_dir, plan=args.plan, batch_size=args.batch_size, lr=args.lr, opt=args.opt,
+                  sched=args.sched, device=args.device, limit_train=args.limit_train, limit_eval=args.limit_eval,
+                  progress=False, profile_repeats=1)
+    sections: Dict[str, Dict[str, Any]] = {
+        MAIN: {"methods": methods, "sizes": resolve_sizes(args.sizes, full), "full_size": full,
+               "config": {**common, "model": args.model, "img_size": args.img_size, "epochs": args.epochs}}}
+    exit8: Dict[str, Any] = {"model": args.exit8_model, "model_kwargs": {"exit_points": "blocks"},
+                             "img_size": args.exit8_img_size, "epochs": args.exit8_epochs or args.epochs}
+    exit8_note = "Skipped (`--no-exit8`)." if args.no_exit8 else None
+    if not args.no_exit8:
+        depths, why = exit8_depths(args.exit8_model)
+        if depths is None:
+            exit8_note = (f"Not run: this coopnets cannot build `{args.exit8_model}` with "
+                          f"`exit_points=\"blocks\"` ({why}). Rerun the command with `--resume` once it can.")
+        else:
+            exit8["num_depths"] = depths
+            sections[EXIT8] = {"methods": ["mlcsd", "byot"], "sizes": resolve_sizes(args.exit8_sizes, full),
+                               "full_size": full, "config": {**common, "model": args.exit8_model,
+                                                             "model_kwargs": exit8["model_kwargs"],
+                                                             "img_size": exit8["img_size"], "epochs": exit8["epochs"]}}
+    if exit8_note:
+        print(f"note: {exit8_note}", file=sys.stderr)
+    runs_dir, out = Path(args.runs_dir), Path(args.out)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = plan_runs(sections, args.seeds, runs_dir)
+    started, t0 = time.strftime("%Y-%m-%d %H:%M"), time.perf_counter()
+    new, failed = execute(specs, args.jobs, args.resume)
+    history_path = runs_dir / "invocations.json"
+    history = json.loads(history_path.read_text()) if args.resume and history_path.is_file() else []
+    history.append({"started": started, "wall_s": time.perf_counter() - t0, "trained": len(new),
+                    "failed": failed, "argv": argv})
+    history_path.write_text(json.dumps(history, indent=1) + "\n")
+
+    wanted = {s["key"] for s in specs}
+    records = [r for r in load_records(runs_dir) if r["key"] in wanted]
+    analysis = analyse(records)
+    command = "python benchmarks/learning_curve.py" + "".join(" " + shlex.quote(a) for a in argv if a != "--resume")
+    mach = machine()
+    mach["torch_threads"] = "1 per run"
+    meta = {"command": command, "machine": mach, "invocations": history, "full_size": full,
+            "settings": {**vars(args), "methods": methods}, "exit8": exit8, "exit8_note": exit8_note}
+    md_path = out / f"{NAME}.md"
+    kept = ""
+    if md_path.is_file() and HANDWRITTEN in md_path.read_text():
+        text = md_path.read_text()
+        kept = text[text.index(HANDWRITTEN):]
+    (out / f"{NAME}.json").write_text(json.dumps(strict_json({**meta, "runs": records, "analysis": analysis}), indent=1) + "\n")
+    md_path.write_text(markdown(analysis, meta, kept))
+    if analysis:
+        plot(analysis, out / f"{NAME}.png", full)
+    print(md_path.read_text())
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
