@@ -1,0 +1,67 @@
+"""benchmarks/train_throughput.py: its core on a tiny model, the report's structure and how ratios are computed."""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import train_throughput as tt  # noqa: E402
+
+
+@pytest.fixture
+def keep_torch_settings():
+    threads, limit = torch.get_num_threads(), torch._dynamo.config.cache_size_limit
+    yield
+    torch.set_num_threads(threads)
+    torch._dynamo.config.cache_size_limit = limit
+
+
+def test_tiny_run(tmp_path, keep_torch_settings, capsys):
+    recipes = ["multi_exit", "cooperative_fixed"]
+    assert tt.main(["--model", "test_resnet", "--img-size", "16", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+                    "--options", "base", "--recipes", *recipes, "--out", str(tmp_path), "--quiet"]) == 0
+    res = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert res["options"] == ["base"] and res["recipes"] == recipes and res["batch_size"] == 4
+    assert res["nets"]["plain"]["backbone"] == "test_resnet" and res["nets"]["plain"]["num_depths"] == 4
+    # a fixed Leader is frozen: the recipe holds three nets, two of them trained
+    coop = res["nets"]["cooperative_fixed"]
+    assert coop["trainable_params"] < coop["params"]
+    rows = res["sets"]["base"]["rows"]
+    assert list(rows) == ["plain", *recipes]
+    plain = statistics.median(rows["plain"]["times_s"])
+    for name, row in rows.items():
+        assert len(row["times_s"]) == 2 and len(row["warmup_s"]) == 1 and all(t > 0 for t in row["times_s"])
+        med = statistics.median(row["times_s"])
+        assert row["median_s"] == pytest.approx(med)
+        assert row["images_per_s"] == pytest.approx(4 / med)
+        assert row["ratio"] > 0 and row["ratio"] == pytest.approx(med / plain)
+        paired = statistics.median(a / b for a, b in zip(row["times_s"], rows["plain"]["times_s"]))
+        assert row["paired_ratio"] == pytest.approx(paired)
+    assert rows["plain"]["ratio"] == pytest.approx(1.0)
+
+    md = (tmp_path / "train_throughput.md").read_text()
+    assert "--model test_resnet" in md and res["machine"]["torch"] in md and res["machine"]["timm"] in md
+    table = md.split("## Step time relative to the plain timm step")[1].split("##")[0]
+    lines = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [line.split("`")[1] for line in lines] == ["plain", *recipes]
+    assert f"{rows['multi_exit']['ratio']:.2f}x" in lines[1] and "<= 1.15x" in lines[1]
+    assert f"{rows['cooperative_fixed']['ratio']:.2f}x" in lines[2] and "<= 2.5x" in lines[2]
+    targets = md.split("## Targets")[1].split("##")[0]
+    for name in recipes:
+        reached = rows[name]["ratio"] <= tt.TARGETS[name]
+        assert f"`{name}` <= {tt.TARGETS[name]}x plain: base {rows[name]['ratio']:.2f}x (" \
+               f"{'reached' if reached else '**not reached**'})" in targets
+    assert (tmp_path / "train_throughput.png").stat().st_size > 0
+    assert "Compile time" not in md  # no compiled option set was run
+
+    # re-rendering from the JSON gives the same report, plus notes
+    notes = tmp_path / "notes.md"
+    notes.write_text("Hand-written note.")
+    out2 = tmp_path / "again"
+    assert tt.main(["--from-json", str(tmp_path / "train_throughput.json"), "--notes", str(notes),
+                    "--out", str(out2)]) == 0
+    again = (out2 / "train_throughput.md").read_text()
+    assert again.startswith(md.split("## Notes")[0].split("![")[0]) and "## Notes\n\nHand-written note." in again
