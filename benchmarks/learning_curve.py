@@ -187,6 +187,13 @@ def load_records(runs_dir: Path) -> List[Dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*/*.json"))]
 
 
+def same_settings(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Whether a saved run's config is this invocation's (fields unset, i.e. None, on either side are equal)."""
+    def norm(c: Mapping[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in json.loads(json.dumps(c)).items() if v is not None}
+    return norm(saved) == norm(wanted)
+
+
 def execute(specs: List[Dict[str, Any]], jobs: int, resume: bool) -> Tuple[List[Dict[str, Any]], List[str]]:
     """Run the specs not finished yet (``resume``: records on disk with the same settings count as
     finished; a record with other settings is refused). Returns (new records, failed keys)."""
@@ -195,7 +202,7 @@ def execute(specs: List[Dict[str, Any]], jobs: int, resume: bool) -> Tuple[List[
         path = Path(spec["record"])
         if path.is_file() and resume:
             saved = json.loads(path.read_text())
-            if saved.get("config") != json.loads(json.dumps(spec["config"])):
+            if not same_settings(saved.get("config") or {}, spec["config"]):
                 raise SystemExit(f"--resume: {path} was trained with other settings than this invocation's; "
                                  f"use another --runs-dir or the study's own settings.")
             continue
@@ -267,17 +274,25 @@ def summarise(rows: Mapping[str, Mapping[int, Mapping[int, List[float]]]]) -> Di
 
 
 def differences(rows: Mapping[str, Mapping[int, Mapping[int, List[float]]]], a: str, b: str,
-                per_depth: bool = True) -> Dict[int, Dict[str, Any]]:
-    """size -> {"mean": paired difference of the mean over depths, "per_depth": [...]} for ``a - b``."""
+                per_depth: bool = True, b_depth: Optional[int] = None) -> Dict[int, Dict[str, Any]]:
+    """size -> {"mean": paired difference of the mean over depths, "per_depth": [...]} for ``a - b``.
+
+    ``b_depth`` (e.g. -1, the full depth): every depth of ``a``, and its mean over depths,
+    against that one depth of ``b``.
+    """
     out: Dict[int, Dict[str, Any]] = {}
     if a not in rows or b not in rows:
         return out
+
+    def pick(per_seed: Mapping[int, List[float]], d: Optional[int]) -> Dict[int, float]:
+        return mean_over_depths(per_seed) if d is None else {s: v[d] for s, v in per_seed.items()}
+
     for size in sorted(set(rows[a]) & set(rows[b])):
         ra, rb = rows[a][size], rows[b][size]
-        entry = {"mean": paired_difference(mean_over_depths(ra), mean_over_depths(rb))}
+        entry = {"mean": paired_difference(pick(ra, None), pick(rb, b_depth))}
         if per_depth:
             depths = len(next(iter(ra.values())))
-            entry["per_depth"] = [paired_difference({s: v[d] for s, v in ra.items()}, {s: v[d] for s, v in rb.items()})
+            entry["per_depth"] = [paired_difference(pick(ra, d), pick(rb, d if b_depth is None else b_depth))
                                   for d in range(depths)]
         out[size] = entry
     return out
@@ -306,8 +321,12 @@ def analyse(records: List[Mapping[str, Any]]) -> Dict[str, Any]:
             "cooperative_vs": {m: {"teammates_mean": differences(sec_rows, COOP_MEAN, m, per_depth=False),
                                    "deployed": differences(sec_rows, COOP_DEPLOYED, m, per_depth=False)}
                                for m in others},
-            "claims": {f"{a} - {b}": differences(sec_rows, a, b) for a, b in CLAIMS.items()
-                       if a in sec_rows and b in sec_rows},
+            "claims": {
+                f"{COOP_MEAN} at each depth - independent at full depth (the full net trained alone)":
+                    differences(sec_rows, COOP_MEAN, "independent", b_depth=-1),
+                f"{COOP_MEAN} at each depth - its own full depth": differences(sec_rows, COOP_MEAN, COOP_MEAN, b_depth=-1),
+                **{f"{a} - {b}": differences(sec_rows, a, b) for a, b in CLAIMS.items()},
+            },
             "selection": differences(sec_rows, COOP_DEPLOYED, COOP_OTHER, per_depth=False),
             "cost": costs(records, section),
         }
@@ -371,7 +390,7 @@ def section_markdown(res: Mapping[str, Any], full: Optional[int]) -> List[str]:
         if not diffs:
             continue
         depths = len(next(iter(diffs.values()))["per_depth"])
-        md += [f"**Paired differences `{name}`** (points, [95 % t-interval], (seeds where the first is ahead / seeds)):", ""]
+        md += [f"**Paired differences: {name}** (points, [95 % t-interval], (seeds where the first is ahead / seeds)):", ""]
         md += table(["size"] + [f"depth {d + 1}" for d in range(depths)] + ["mean over depths"],
                     [[size_label(s, full)] + [diff_cell(x) for x in d["per_depth"]] + [f"**{diff_cell(d['mean'])}**"]
                      for s, d in diffs.items()])

@@ -68,6 +68,9 @@ def test_paired_differences_use_matching_seeds():
     assert summary[lc.COOP_OTHER][50]["mean"]["mean"] == pytest.approx((0.89 + 0.80 + 0.86) / 3)
     fair = res["cooperative_vs"]["independent"]["teammates_mean"][50]["mean"]  # coop mean 0.91, 0.815, 0.86
     assert fair["seeds"] == [0, 1, 2] and fair["mean"] == pytest.approx((0.03 + 0.025 + 0.06) / 3)
+    full = res["claims"][f"{lc.COOP_MEAN} at each depth - independent at full depth (the full net trained alone)"][50]
+    assert full["per_depth"][0]["mean"] == pytest.approx((0.02 + 0.02 + 0.05) / 3)  # coop depth 1 - independent depth 2
+    assert full["per_depth"][0]["seeds"] == [0, 1, 2]
     sel = res["selection"][50]["mean"]
     assert sel["mean"] == pytest.approx((0.04 + 0.03 + 0.0) / 3) and sel["wins"] == 2
     assert res["cost"]["cooperative"]["relative"] == 1.0 and res["cost"]["ekd"]["relative"] == pytest.approx(1 / 3)
