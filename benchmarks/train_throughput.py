@@ -17,12 +17,14 @@ with inductor, optionally ``all`` three at once) and each recipe, one training s
 
 Every variant of an option set is built first, warmed up (``--warmup`` steps each; with
 ``compile`` this compiles, and the warm-up time beyond the steady step time is reported
-as compile time), then timed round-robin: ``--steps`` rounds, each timing one step of
-every variant, in alternating order, so load from other processes hits all of them
-alike. Per variant the median step time gives images/s; the ratio is the recipe's median
-step time / the plain step's median step time in the same option set (the median of the
-per-round ratios is kept beside it as a check). Writes ``train_throughput.md``,
-``train_throughput.png`` and ``train_throughput.json`` to ``--out``.
+as compile time), then timed round-robin with the plain step between every two recipe
+steps: ``--steps`` rounds of ``plain, r1, plain, r2, ..., rN, plain`` (recipe order
+alternating between rounds). The ratio of a recipe is the median over its steps of its
+step time / the mean of the two plain steps right beside it, so a change of load from
+other processes (frequent on shared cores) hits both sides of every ratio. Images/s come
+from each variant's median step time; the ratio of the medians is kept beside the ratio
+as a check. Writes ``train_throughput.md``, ``train_throughput.png`` and
+``train_throughput.json`` to ``--out``.
 
 Example (the committed table names its own command)::
 
@@ -184,12 +186,18 @@ def timed(fn: Callable, x: torch.Tensor, y: torch.Tensor, device: torch.device) 
 
 def measure(steps: Dict[str, Callable], x: torch.Tensor, y: torch.Tensor, warmup: int, rounds: int,
             bar: Optional[tqdm] = None, compiled: bool = False) -> Dict[str, Dict[str, List[float]]]:
-    """Warm-up seconds and timed seconds of every variant: ``rounds`` round-robin rounds, order alternating.
+    """Warm-up seconds and timed seconds of every variant, the plain step between every two recipe steps.
 
+    Each of ``rounds`` rounds times ``plain, r1, plain, r2, ..., rN, plain`` (recipe order alternating
+    between rounds); every recipe step records the plain steps right before and after it
+    (``plain_before_s`` / ``plain_after_s``), so a change of machine load hits both sides of its ratio.
     ``bar`` advances by one per step, and by :data:`COMPILE_STEPS` for a compiled variant's first step.
     """
     names = list(steps)
+    recipes = [n for n in names if n != PLAIN]
     out: Dict[str, Dict[str, List[float]]] = {n: {"warmup_s": [], "times_s": []} for n in names}
+    for name in recipes:
+        out[name].update(plain_before_s=[], plain_after_s=[])
     for name in names:
         for i in range(warmup):
             if bar is not None:
@@ -197,26 +205,42 @@ def measure(steps: Dict[str, Callable], x: torch.Tensor, y: torch.Tensor, warmup
             out[name]["warmup_s"].append(timed(steps[name], x, y, x.device))
             if bar is not None:
                 bar.update(COMPILE_STEPS if compiled and i == 0 else 1)
+
+    def step(name: str) -> float:
+        t = timed(steps[name], x, y, x.device)
+        out[name]["times_s"].append(t)
+        if bar is not None:
+            bar.update(1)
+        return t
+
     for r in range(rounds):
         if bar is not None:
             bar.set_postfix_str(f"round {r + 1}/{rounds}")
-        for name in names if r % 2 == 0 else reversed(names):
-            out[name]["times_s"].append(timed(steps[name], x, y, x.device))
-            if bar is not None:
-                bar.update(1)
+        before = step(PLAIN)
+        for name in recipes if r % 2 == 0 else reversed(recipes):
+            step(name)
+            after = step(PLAIN)
+            out[name]["plain_before_s"].append(before)
+            out[name]["plain_after_s"].append(after)
+            before = after
     return out
 
 
 def summarise(raw: Dict[str, Dict[str, List[float]]], batch: int) -> Dict[str, Dict[str, Any]]:
-    """Per variant: median step time, images/s, ratio to plain (of medians; and the median of per-round
-    ratios), time of the warm-up steps beyond steady steps (compilation)."""
+    """Per variant: median step time, images/s, ratios to plain, warm-up time beyond steady steps (compilation).
+
+    ``ratio``: median over the recipe's steps of step time / mean of the plain steps right before and
+    after it. ``ratio_of_medians``: the recipe's median step time / the plain step's median (all its steps).
+    """
     plain = statistics.median(raw[PLAIN]["times_s"])
     rows = {}
     for name, r in raw.items():
         med = statistics.median(r["times_s"])
+        before, after = r.get("plain_before_s", r["times_s"]), r.get("plain_after_s", r["times_s"])  # plain: itself
+        neighbours = [(b + a) / 2 for b, a in zip(before, after)]
         rows[name] = {
-            **r, "median_s": med, "images_per_s": batch / med, "ratio": med / plain,
-            "paired_ratio": paired_ratio(r["times_s"], raw[PLAIN]["times_s"]),
+            **r, "median_s": med, "images_per_s": batch / med,
+            "ratio": paired_ratio(r["times_s"], neighbours), "ratio_of_medians": med / plain,
             # warm-up time beyond steady steps: compilation (and first-step allocations) for compiled sets
             "first_steps_extra_s": max(0.0, sum(r["warmup_s"]) - len(r["warmup_s"]) * med),
         }
@@ -245,7 +269,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     def units(option_set: str) -> int:
         compiled = bool(OPTION_SETS[option_set].get("torchcompile")) and args.warmup > 0
-        return (len(args.recipes) + 1) * (args.warmup + args.steps + (COMPILE_STEPS - 1) * compiled)
+        variants = len(args.recipes) + 1
+        return variants * (args.warmup + (COMPILE_STEPS - 1) * compiled) + args.steps * (2 * variants - 1)
 
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=sum(map(units, args.options)), unit="step",
                                                       disable=args.quiet, dynamic_ncols=True) as bar, \
@@ -347,7 +372,7 @@ def markdown(results: Mapping[str, Any], notes: str = "") -> str:
     check_rows = [head.replace("| target |", "|"), rule.replace("|---|---|", "|---|")]
     for n in names[1:]:
         check_rows.append(f"| `{n}` | " + " | ".join(
-            f"{results['sets'][o]['rows'][n]['paired_ratio']:.2f}x" for o in sets) + " |")
+            f"{results['sets'][o]['rows'][n]['ratio_of_medians']:.2f}x" for o in sets) + " |")
     compile_sets = [o for o in sets if results["option_sets"][o].get("torchcompile")]
     lines = [
         "# Training throughput: recipes vs a plain timm step", "",
@@ -359,13 +384,14 @@ def markdown(results: Mapping[str, Any], notes: str = "") -> str:
         f"torch {m['torch']}, timm {m['timm']}, Python {m['python']}.  ",
         f"Backbone `{plain['backbone']}` (`--model {results['model']}`, {plain['num_depths']} depths), "
         f"{results['img_size']}x{results['img_size']} px, batch {results['batch_size']}, 10 classes, random "
-        f"batch; {results['warmup']} warm-up steps then {results['steps']} timed round-robin rounds per variant; "
+        f"batch; {results['warmup']} warm-up steps per variant, then {results['steps']} timed rounds "
+        "`plain, recipe 1, plain, recipe 2, ..., plain` (recipe order alternating); "
         f"the whole run took {results['elapsed_min']:.1f} min.", "",
         "Option sets: " + "; ".join(f"`{o}` = " + (", ".join(f"{k}={v}" for k, v in results['option_sets'][o].items()))
                                     for o in sets) + " (TrainConfig fields; the plain step uses the same).", "",
         "## Step time relative to the plain timm step", "",
-        "Median recipe step time / median plain step time, same option set, measured side by side "
-        "(lower is better).", "",
+        "Median over the recipe's timed steps of its step time / the mean of the two plain steps timed right "
+        "before and after it, same option set (lower is better).", "",
         *ratio_rows, "",
         "## Images/s (median step time)", "",
         *ips_rows, "",
@@ -381,9 +407,10 @@ def markdown(results: Mapping[str, Any], notes: str = "") -> str:
             lines.append(f"| `{n}` | " + " | ".join(
                 f"{results['sets'][o]['rows'][n]['first_steps_extra_s']:.0f}" for o in compile_sets) + " |")
         lines.append("")
-    lines += ["## Check: median of per-round ratios", "",
-              "Each round times every variant once; the median over rounds of recipe / plain of the same round. "
-              "Close to the table above when machine noise is moderate.", "",
+    lines += ["## Check: ratio of medians", "",
+              "The recipe's median step time / the plain step's median over all its steps in the option set. Close "
+              "to the first table while the machine's load is steady; where it differs, the load changed during "
+              "the set and the first table (neighbouring steps) is the one to trust.", "",
               *check_rows, ""]
     parts = decomposition(results)
     if parts:
@@ -441,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone for the trainer (zoo or timm name); the plain step uses its timm backbone")
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10, help="timed round-robin rounds (one step of every variant each)")
+    p.add_argument("--steps", type=int, default=6,
+                   help="timed rounds (each: one step of every recipe, the plain step between every two)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (compile: compilation)")
     p.add_argument("--options", nargs="+", default=list(DEFAULT_OPTIONS), choices=list(OPTION_SETS))
     p.add_argument("--recipes", nargs="+", default=list(RECIPE_VARIANTS), choices=list(RECIPE_VARIANTS))

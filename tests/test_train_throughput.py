@@ -31,15 +31,22 @@ def test_tiny_run(tmp_path, keep_torch_settings, capsys):
     assert coop["trainable_params"] < coop["params"]
     rows = res["sets"]["base"]["rows"]
     assert list(rows) == ["plain", *recipes]
-    plain = statistics.median(rows["plain"]["times_s"])
-    for name, row in rows.items():
+    plain = rows["plain"]["times_s"]
+    # 2 rounds of plain, r1, plain, r2, plain: 3 plain steps a round, each recipe step between two of them
+    assert len(plain) == 2 * 3 and len(rows["plain"]["warmup_s"]) == 1
+    for name in recipes:
+        row = rows[name]
         assert len(row["times_s"]) == 2 and len(row["warmup_s"]) == 1 and all(t > 0 for t in row["times_s"])
+        assert set(row["plain_before_s"] + row["plain_after_s"]) <= set(plain)
         med = statistics.median(row["times_s"])
-        assert row["median_s"] == pytest.approx(med)
-        assert row["images_per_s"] == pytest.approx(4 / med)
-        assert row["ratio"] > 0 and row["ratio"] == pytest.approx(med / plain)
-        paired = statistics.median(a / b for a, b in zip(row["times_s"], rows["plain"]["times_s"]))
-        assert row["paired_ratio"] == pytest.approx(paired)
+        assert row["median_s"] == pytest.approx(med) and row["images_per_s"] == pytest.approx(4 / med)
+        assert row["ratio_of_medians"] == pytest.approx(med / statistics.median(plain))
+        ratios = [t / ((b + a) / 2) for t, b, a in zip(row["times_s"], row["plain_before_s"], row["plain_after_s"])]
+        assert row["ratio"] > 0 and row["ratio"] == pytest.approx(statistics.median(ratios))
+    # the recipes' neighbours: round 1 in order, round 2 reversed, each plain step shared by its two neighbours
+    first, second = rows[recipes[0]], rows[recipes[1]]
+    assert first["plain_before_s"][0] == plain[0] and first["plain_after_s"][0] == second["plain_before_s"][0]
+    assert second["plain_before_s"][1] == plain[3] and second["plain_after_s"][1] == first["plain_before_s"][1]
     assert rows["plain"]["ratio"] == pytest.approx(1.0)
 
     md = (tmp_path / "train_throughput.md").read_text()
