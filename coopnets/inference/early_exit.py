@@ -1,7 +1,8 @@
 """Early exit on a batch that really saves compute: per-sample exits with batch compaction.
 
-:class:`EarlyExit` runs a depth-adaptive model (``exits`` plan) stage by stage through
-its hand-written :class:`~coopnets.models.layouts.StageLayout` when the family has one,
+:class:`EarlyExit` runs a depth-adaptive model (``exits`` plan) exit point by exit point
+(stage by stage, or block by block with ``exit_points="blocks"``) through its
+hand-written :class:`~coopnets.models.layouts.StageLayout` when the family has one,
 else through generic segments cut from the backbone's traced graph at the exits
 (:mod:`coopnets.models.segments`; every live value, skip connections included, is
 compacted). After each stage it evaluates that
@@ -55,7 +56,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..models.layouts import LAYOUT_FAMILIES, Position, get_layout
+from ..models.layouts import LAYOUT_FAMILIES, Position, StageLayout, get_layout
 from ..models.plans import ExitsPlan
 from ..models.segments import build_segments
 
@@ -217,18 +218,15 @@ class _LayoutRunner:
 
     size_specific = False
 
-    def __init__(self, model: DepthAdaptiveModel, layout) -> None:
+    def __init__(self, model: DepthAdaptiveModel, layout: StageLayout) -> None:
         self.model, self.layout = model, layout
-        self.stops: List[Position] = [self._position(i) for i in model.exit_indices]
-
-    def _position(self, feature_index: int) -> Position:
-        pos = self.layout.feature_ends[feature_index]
-        if pos is None:
+        positions = model.depth_plan.exit_positions(layout)  # feature ends, or block ends with exit_points="blocks"
+        if None in positions:
             raise ValueError(
-                f"Exit at feature_info index {feature_index} reads the stem output; early exit "
-                f"supports exits placed after a stage block (exit_indices >= 1)."
+                f"Exit at feature_info index {model.exit_indices[positions.index(None)]} reads the stem output; "
+                f"early exit supports exits placed after a stage block (exit_indices >= 1)."
             )
-        return pos
+        self.stops: List[Position] = positions
 
     def start(self, x: torch.Tensor) -> dict:
         return {"h": self.layout.stem(x), "start": (0, 0), "hw": tuple(x.shape[-2:])}

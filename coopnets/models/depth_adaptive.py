@@ -2,9 +2,10 @@
 
 A depth plan (:mod:`coopnets.models.plans`) turns one backbone into ``num_depths``
 nested sub-networks that share weights: ``plan="exits"`` (default: an exit head after
-each stage, the last depth is exactly the plain timm model) or ``plan="blocks"``
-(EKD-style: every depth runs all stages with fewer blocks each). The model holds the
-backbone, the exit heads and the current depth; everything plan-specific is the plan's.
+each stage, or with ``exit_points="blocks"`` after every block; the last depth is exactly
+the plain timm model) or ``plan="blocks"`` (EKD-style: every depth runs all stages with
+fewer blocks each). The model holds the backbone, the exit heads and the current depth;
+everything plan-specific is the plan's.
 
 The depth is runtime state, not weights: a state dict saved at any depth loads at any
 other.
@@ -18,6 +19,8 @@ Example:
     torch.Size([1, 10])
     >>> [t.shape[1] for t in m.forward_exits(torch.randn(1, 3, 64, 64))]
     [10, 10, 10, 10]
+    >>> coopnets.wrap("resnet18", num_classes=10, exit_points="blocks").num_depths  # an exit after every block
+    8
 """
 
 import contextlib
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 
 from .layouts import StageLayout, get_layout
-from .plans import DEFAULT_BLOCK_DEPTHS, BlocksPlan, DepthPlan, ExitOutputs, ExitsPlan, create_plan
+from .plans import DEFAULT_BLOCK_DEPTHS, BlocksPlan, DepthPlan, ExitOutputs, ExitsPlan, StagePoints, create_plan
 
 
 #: backbone kwargs consumed at build time, not part of the structure recorded in ``model_args``
@@ -133,13 +136,19 @@ class DepthAdaptiveModel(nn.Module):
         backbone: a timm model instance or a timm model name.
         num_classes: classes of every exit (default: the backbone's).
         plan: ``"exits"`` or ``"blocks"`` (see :mod:`coopnets.models.plans`).
-        exit_indices: ``feature_info`` indices that get an exit head before the final
-            one (``exits`` plan). Default: every stage past the stem, or ``num_exits``
-            evenly spaced blocks for ViT-like backbones.
-        num_exits: number of depths for ViT-like backbones (default 4).
+        exit_indices: exit points that get an exit head before the final one (``exits``
+            plan), as indices into ``feature_info`` (``exit_points="stages"``) or into the
+            backbone's block ends (``exit_points="blocks"``). Default: every point past the
+            stem, or ``num_exits`` evenly spaced points for ViT-like backbones.
+        num_exits: number of exit heads, evenly spaced (default 4 for ViT-like backbones).
         head: exit head kind, ``"linear"``, ``"conv"`` or ``"auto"`` (conv for CNNs,
             linear for transformers).
         head_width: embedding width of ``conv`` heads (default: the backbone's final width).
+        exit_points: where exit heads can sit (``exits`` plan): ``"stages"`` (default, the
+            ``feature_info`` stages) or ``"blocks"`` (the end of every block, e.g. 8 points
+            on ResNet-18 as in MLCSD-Net; needs a block-level
+            :class:`~coopnets.models.layouts.StageLayout`). Depth ``k`` runs the backbone up
+            to exit point ``k`` and exit head ``k``.
         block_depths: ``blocks`` plan: block counts per stage for every depth,
             shallowest first, the last equal to the full backbone.
         num_block_depths: number of depths of the default ``blocks`` schedule.
@@ -155,9 +164,9 @@ class DepthAdaptiveModel(nn.Module):
     * ``forward(x)`` (eval): the current depth's logits; nothing deeper runs.
     * ``forward_features(x)``: the unpooled features the current depth's classifier
       reads. Full depth: exactly ``backbone.forward_features(x)``. Depth ``k`` below full
-      (``exits`` plan): the map of exit ``k``'s stage, after the exit head's ``body``
-      (``conv`` heads: downsampled to the final resolution, ``head_width`` channels;
-      ``linear`` heads: the stage map itself), always NCHW. ``blocks`` plan: the
+      (``exits`` plan): the map at exit ``k``'s point (stage or block), after the exit
+      head's ``body`` (``conv`` heads: downsampled to the final resolution, ``head_width``
+      channels; ``linear`` heads: the map itself), always NCHW. ``blocks`` plan: the
       backbone's final features computed with the depth's blocks.
       ``forward_head(features, pre_logits=False)``: the logits from those features
       (``pre_logits=True``: the pooled embedding), so ``forward == forward_head o
@@ -207,6 +216,7 @@ class DepthAdaptiveModel(nn.Module):
         num_exits: Optional[int] = None,
         head: str = "auto",
         head_width: Optional[int] = None,
+        exit_points: str = StagePoints.name,
         block_depths: Optional[Sequence[Sequence[int]]] = None,
         num_block_depths: int = DEFAULT_BLOCK_DEPTHS,
         pretrained_backbone: bool = False,
@@ -239,7 +249,8 @@ class DepthAdaptiveModel(nn.Module):
         self.feature_info = [dict(f) for f in backbone.feature_info]
         self.depth_plan: DepthPlan = create_plan(
             plan, backbone, exit_indices=exit_indices, num_exits=num_exits, head=head, head_width=head_width,
-            block_depths=block_depths, num_block_depths=num_block_depths,
+            exit_points=exit_points, block_depths=block_depths, num_block_depths=num_block_depths,
+            in_chans=self.in_chans,
         )
         self.exits = self.depth_plan.build_exits(self)
         if "global_pool" in backbone_kwargs:
@@ -253,7 +264,9 @@ class DepthAdaptiveModel(nn.Module):
         self.default_cfg = self.pretrained_cfg
 
     # --- configuration ----------------------------------------------------------
-    __jit_unused_properties__ = ["plan", "exit_indices", "head_kind", "head_width", "block_depths", "layout", "depth"]
+    __jit_unused_properties__ = [
+        "plan", "exit_indices", "exit_points", "head_kind", "head_width", "block_depths", "layout", "depth",
+    ]
 
     @staticmethod
     def _in_chans(backbone: nn.Module, requested: Optional[int] = None) -> int:
@@ -286,8 +299,14 @@ class DepthAdaptiveModel(nn.Module):
 
     @property
     def exit_indices(self) -> List[int]:
-        """``feature_info`` indices with an exit head (``exits`` plan; empty otherwise)."""
+        """Exit points with an exit head (``exits`` plan; empty otherwise): ``feature_info`` indices, or
+        block-end indices with ``exit_points="blocks"``."""
         return list(getattr(self.depth_plan, "exit_indices", []))
+
+    @property
+    def exit_points(self) -> Optional[str]:
+        """What :attr:`exit_indices` index, ``"stages"`` or ``"blocks"`` (``exits`` plan; ``None`` otherwise)."""
+        return getattr(self.depth_plan, "exit_points", None)
 
     @property
     def head_kind(self) -> Optional[str]:
@@ -464,7 +483,7 @@ class DepthAdaptiveModel(nn.Module):
         Returns the kept indices."""
         kept = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
         self.exits = nn.ModuleList()
-        self.depth_plan = ExitsPlan(self.feature_info, exit_indices=[], head=self.head_kind or "linear")
+        self.depth_plan = ExitsPlan(StagePoints(self.feature_info), exit_indices=[], head=self.head_kind or "linear")
         self.num_depths = self._depth = 1
         return kept
 
@@ -517,7 +536,8 @@ class DepthAdaptiveModel(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """The backbone's layer grouping re-prefixed with ``backbone.``; exit head ``k`` joins the group of the
-        last layer of the stage it follows, so layer-wise lr decay treats it as that stage.
+        last layer of the stage (or block, with ``exit_points="blocks"``) it follows, so layer-wise lr decay
+        treats it as that stage.
 
         Example:
             >>> import coopnets
@@ -540,8 +560,7 @@ class DepthAdaptiveModel(nn.Module):
                 matcher[group] = [(_prefix_pattern(spec), None)]
         compiled = _compile_matcher(matcher)
         names = [n for n, _ in self.backbone.named_parameters()]
-        for k, index in enumerate(self.exit_indices):
-            module = self.feature_info[index]["module"]
+        for k, module in enumerate(self.depth_plan.exit_modules()):
             under = [n for n in names if not module or n == module or n.startswith(module + ".")]
             keys = [_group_key(compiled, "backbone." + n) for n in under]
             keys = [key for key in keys if key[0] != float("inf")]
@@ -554,7 +573,9 @@ class DepthAdaptiveModel(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """The backbone's gradient checkpointing (every depth runs through the backbone's stages)."""
+        """The backbone's gradient checkpointing (every depth runs through the backbone's stages; the
+        block-level runs of ``exit_points="blocks"`` and ``plan="blocks"`` go through the stage layout,
+        which does not checkpoint)."""
         self.backbone.set_grad_checkpointing(enable)
 
     def extra_repr(self) -> str:

@@ -4,7 +4,9 @@ timm's ``forward_intermediates(..., stop_early=True)`` runs a backbone *up to* a
 stage, which is all a fixed depth needs. Two features need more control:
 
 * the ``blocks`` depth plan skips blocks *inside* every stage (EKD's depth-level
-  sub-networks), and
+  sub-networks),
+* ``exit_points="blocks"`` puts exit heads after blocks inside stages
+  (:attr:`StageLayout.block_ends`, :meth:`StageLayout.block_info`), and
 * early exit with batch compaction resumes a forward pass where the previous exit
   stopped, on fewer samples.
 
@@ -21,7 +23,9 @@ lists these families.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+import copy
+import itertools
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -99,6 +103,55 @@ class StageLayout:
     @property
     def end(self) -> Position:
         return len(self.stages) - 1, len(self.stages[-1])
+
+    @property
+    def block_ends(self) -> List[Position]:
+        """The position right after every block, in execution order (the last one is :attr:`end`)."""
+        return [(stage, done) for stage, blocks in enumerate(self.stages) for done in range(1, len(blocks) + 1)]
+
+    def input_hw(self) -> Tuple[int, int]:
+        """The image size the backbone was built for: its patch embedding's ``img_size`` (fixed-size
+        transformers), else its pretrained config's ``input_size``."""
+        img_size = getattr(getattr(self.backbone, "patch_embed", None), "img_size", None)
+        if img_size is None:
+            img_size = self.backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+        return int(img_size[0]), int(img_size[1])
+
+    def block_info(self, in_chans: int) -> List[Dict[str, Any]]:
+        """``feature_info``-style entries for every block end (:attr:`block_ends`): ``num_chs`` and
+        ``reduction`` of the NCHW map :meth:`to_nchw` makes of it, and the block's ``module`` name.
+
+        The shapes come from one pass of a weightless copy of the backbone on the meta device
+        (nothing is computed or allocated) on an ``in_chans`` x :meth:`input_hw` image.
+
+        Example:
+            >>> import timm
+            >>> info = get_layout(timm.create_model("resnet18")).block_info(in_chans=3)
+            >>> [(f["module"], f["num_chs"], f["reduction"]) for f in info[1:4]]
+            [('layer1.1', 64, 4), ('layer2.0', 128, 8), ('layer2.1', 128, 8)]
+        """
+        names = {id(m): name for name, m in self.backbone.named_modules()}
+        shadow = type(self)(_meta_copy(self.backbone).eval())
+        hw = self.input_hw()
+        info: List[Dict[str, Any]] = []
+        with torch.no_grad():
+            x, start = shadow.stem(torch.empty(1, in_chans, *hw, device="meta")), (0, 0)
+            for stage, done in self.block_ends:
+                x, start = shadow.run(x, start, (stage, done)), (stage, done)
+                fmap = shadow.to_nchw(x, hw)
+                info.append({"num_chs": int(fmap.shape[1]), "reduction": round(hw[0] / fmap.shape[2]),
+                             "module": names[id(self.stages[stage][done - 1])]})
+        return info
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are empty tensors on the meta device
+    (for shape probes; no tensor data is copied)."""
+    memo: Dict[int, Any] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
 
 
 def _seq(module: nn.Module) -> List[nn.Module]:
@@ -266,14 +319,15 @@ _LAYOUTS: Dict[str, Type[StageLayout]] = {
 LAYOUT_FAMILIES: Tuple[str, ...] = tuple(_LAYOUTS)
 
 
-def get_layout(backbone: nn.Module, purpose: str = "this feature") -> StageLayout:
-    """The :class:`StageLayout` of ``backbone``; a clear error for families without one."""
+def get_layout(backbone: nn.Module, purpose: str = "this feature", instead: str = "plan='exits'") -> StageLayout:
+    """The :class:`StageLayout` of ``backbone``; for families without one, a ``NotImplementedError``
+    that names ``purpose``, the supported classes and the alternative ``instead``."""
     for cls in type(backbone).__mro__:
         if cls.__name__ in _LAYOUTS:
             return _LAYOUTS[cls.__name__](backbone)
     raise NotImplementedError(
         f"{purpose} needs a block-level layout, and timm class {type(backbone).__name__} has none. "
-        f"Supported backbone classes: {', '.join(LAYOUT_FAMILIES)}. Use plan='exits' "
+        f"Supported backbone classes: {', '.join(LAYOUT_FAMILIES)}. Use {instead} "
         f"(works for any timm backbone with forward_intermediates) or add a StageLayout in "
         f"coopnets/models/layouts.py."
     )

@@ -17,9 +17,13 @@ Plans hold no modules of their own: the exit heads are registered on the model a
 the model as their first argument.
 
 ``exits`` (:class:`ExitsPlan`, default)
-    An :class:`~coopnets.models.exit_head.ExitHead` after chosen ``feature_info`` stages.
-    Depth ``k`` runs the stem, stages ``1..k`` (timm's ``forward_intermediates(...,
-    stop_early=True)``) and exit ``k``; the last depth is the plain backbone.
+    An :class:`~coopnets.models.exit_head.ExitHead` after chosen exit points; the last
+    depth is the plain backbone. ``exit_points="stages"`` (default, :class:`StagePoints`):
+    the points are the ``feature_info`` stages, and depth ``k`` runs the stem, stages
+    ``1..k`` (timm's ``forward_intermediates(..., stop_early=True)``) and exit ``k``.
+    ``exit_points="blocks"`` (:class:`BlockPoints`): the points are the ends of every
+    block of the backbone's :class:`~coopnets.models.layouts.StageLayout` (MLCSD-Net's
+    two exits per ResNet-18 stage), and depth ``k`` runs the blocks up to its point.
 ``blocks`` (:class:`BlocksPlan`)
     Every depth runs all stages with only their first ``n`` blocks and the shared final
     head (EKD's depth-level sub-networks). Needs a block-level
@@ -34,6 +38,8 @@ Example:
     ('BlocksPlan', {'block_depths': [[1, 1, 1, 1], [2, 2, 2, 2]]})
     >>> coopnets.wrap("resnet18", num_classes=10).depth_plan.config()
     {'exit_indices': [1, 2, 3], 'head': 'conv'}
+    >>> coopnets.wrap("resnet18", num_classes=10, exit_points="blocks").depth_plan.config()
+    {'exit_indices': [0, 1, 2, 3, 4, 5, 6], 'head': 'conv', 'exit_points': 'blocks'}
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .exit_head import ExitHead, head_kind_for
-from .layouts import StageLayout, get_layout
+from .layouts import Position, StageLayout, get_layout
 
 #: the :class:`~coopnets.models.depth_adaptive.DepthAdaptiveModel` a plan belongs to; typed as a
 #: module so that this file does not import the model's (which imports this one)
@@ -116,6 +122,10 @@ class DepthPlan:
         """The classifier module of ``depth`` (below full)."""
         return model.backbone.get_classifier()
 
+    def exit_modules(self) -> List[str]:
+        """Name of the backbone module each exit head follows (``group_matcher`` puts the head in its group)."""
+        return []
+
     def embedding_dims(self, model: Model) -> List[int]:
         """Width of ``forward_exits(x, with_features=True).embeddings[k]`` for every depth."""
         raise NotImplementedError
@@ -137,15 +147,19 @@ def _final_embedding_dim(model: Model) -> int:
 
 # --- exits --------------------------------------------------------------------------------
 def default_exit_indices(feature_info: Sequence[Dict[str, Any]], num_exits: Optional[int] = None) -> List[int]:
-    """``feature_info`` indices that get an exit head (the final head not included).
+    """Exit point indices (``feature_info`` stages or block ends) that get an exit head (the final head not included).
 
-    Every stage past the stem (reduction >= 4) gets one; when all entries share one
-    reduction (ViT-like: one entry per block), ``num_exits`` (default 4) evenly spaced
-    blocks are used instead.
+    Every point past the stem (reduction >= 4) gets one: every stage, or with block exit
+    points every block (ResNet-18: its 8 blocks, so 7 exit heads + the final head; the
+    reduction-2 first blocks of EfficientNet/MobileNetV3 are skipped like their stem
+    stage). When all entries share one reduction (ViT-like: one entry per block), or
+    ``num_exits`` is given, ``num_exits`` (default 4) evenly spaced points are used instead.
 
     Example:
         >>> default_exit_indices([{"reduction": r} for r in (2, 4, 8, 16, 32)])
         [1, 2, 3]
+        >>> default_exit_indices([{"reduction": r} for r in (4, 4, 8, 8, 16, 16, 32, 32)])
+        [0, 1, 2, 3, 4, 5, 6]
         >>> default_exit_indices([{"reduction": 16}] * 12)
         [2, 5, 8]
     """
@@ -207,85 +221,234 @@ class ExitModel(nn.Module):
         return self.head(feats[-1])
 
 
+class ExitPoints:
+    """Where an :class:`ExitsPlan` can put exit heads, and how to run the backbone up to them.
+
+    Attributes:
+        info: one ``feature_info``-style entry (``num_chs``, ``reduction``, ``module``) per
+            point, in execution order; the last one is the backbone's final map (its own head).
+    """
+
+    #: the ``exit_points`` value that selects this class
+    name: ClassVar[str] = ""
+    #: what an index into :attr:`info` counts (for error messages)
+    what: ClassVar[str] = ""
+
+    def __init__(self, info: Sequence[Dict[str, Any]]) -> None:
+        self.info = [dict(f) for f in info]
+
+    def map_at(self, backbone: nn.Module, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The NCHW map at point ``index``; nothing past it runs."""
+        raise NotImplementedError
+
+    def maps(
+        self, backbone: nn.Module, x: torch.Tensor, indices: Sequence[int]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """One pass through the whole backbone: its final features (``forward_features``) and the
+        NCHW maps at points ``indices``."""
+        raise NotImplementedError
+
+    def positions(self, layout: StageLayout) -> List[Optional[Position]]:
+        """Where every point lies in ``layout`` (``None``: the stem output)."""
+        raise NotImplementedError
+
+    def prune(self, backbone: nn.Module, index: int) -> int:
+        """Cut ``backbone`` (a copy) so that nothing past point ``index`` is left (final norm and head
+        included); returns the ``feature_info`` index whose ``forward_intermediates`` map is then that point's."""
+        raise NotImplementedError
+
+
+class StagePoints(ExitPoints):
+    """``exit_points="stages"``: the backbone's ``feature_info`` entries, run by timm's ``forward_intermediates``."""
+
+    name = "stages"
+    what = "feature_info"
+
+    def map_at(self, backbone, x, index):
+        return backbone.forward_intermediates(x, indices=[index], stop_early=True, intermediates_only=True)[-1]
+
+    def maps(self, backbone, x, indices):
+        return backbone.forward_intermediates(x, indices=list(indices), stop_early=False)
+
+    def positions(self, layout):
+        return list(layout.feature_ends)
+
+    def prune(self, backbone, index):
+        backbone.prune_intermediate_layers(indices=[index], prune_norm=True, prune_head=True)
+        return index
+
+
+class BlockPoints(ExitPoints):
+    """``exit_points="blocks"``: the end of every block of the backbone's :class:`StageLayout`
+    (:attr:`~StageLayout.block_ends`), run block by block by the layout.
+
+    Example:
+        >>> import timm
+        >>> from coopnets.models.layouts import get_layout
+        >>> points = BlockPoints(get_layout(timm.create_model("resnet18")), in_chans=3)
+        >>> [f["module"] for f in points.info[:3]], len(points.info)
+        (['layer1.0', 'layer1.1', 'layer2.0'], 8)
+    """
+
+    name = "blocks"
+    what = "block-end"
+
+    def __init__(self, layout: StageLayout, in_chans: int) -> None:
+        super().__init__(layout.block_info(in_chans))
+        self.layout = layout
+        self.ends = layout.block_ends
+
+    def map_at(self, backbone, x, index):
+        layout = self.layout
+        return layout.to_nchw(layout.run(layout.stem(x), (0, 0), self.ends[index]), x.shape[-2:])
+
+    def maps(self, backbone, x, indices):
+        layout, hw = self.layout, x.shape[-2:]  # not a tuple: a Proxy under FX tracing
+        h, start, maps = layout.stem(x), (0, 0), []
+        for stop in (self.ends[i] for i in indices):
+            h, start = layout.run(h, start, stop), stop
+            maps.append(layout.to_nchw(h, hw))
+        return layout.finish(layout.run(h, start, layout.end)), maps
+
+    def positions(self, layout):
+        return layout.block_ends
+
+    def prune(self, backbone, index):
+        """The blocks after point ``index`` are dropped (the rest of its stage and every later stage
+        emptied), then timm prunes past the first ``feature_info`` entry at or after the point."""
+        layout = self.layout
+        stage, done = self.ends[index]
+        kept = [len(blocks) if s < stage else done if s == stage else 0 for s, blocks in enumerate(layout.stages)]
+        layout.truncate(backbone, kept)
+        feature = next(i for i, end in enumerate(layout.feature_ends) if end is not None and end >= (stage, done))
+        backbone.prune_intermediate_layers(indices=[feature], prune_norm=True, prune_head=True)
+        return feature
+
+
+EXIT_POINTS: Tuple[str, ...] = (StagePoints.name, BlockPoints.name)
+
+
+def create_exit_points(exit_points: str, backbone: nn.Module, in_chans: int) -> ExitPoints:
+    """The :class:`ExitPoints` named ``exit_points`` (``"stages"`` or ``"blocks"``) of ``backbone``.
+
+    Raises:
+        ValueError: an unknown name, or ``"blocks"`` for a backbone without a :class:`StageLayout`.
+
+    Example:
+        >>> import timm
+        >>> len(create_exit_points("blocks", timm.create_model("resnet18"), in_chans=3).info)
+        8
+    """
+    if exit_points == StagePoints.name:
+        return StagePoints(backbone.feature_info)
+    if exit_points != BlockPoints.name:
+        raise ValueError(f"Unknown exit_points {exit_points!r}; valid choices: {', '.join(EXIT_POINTS)}.")
+    try:
+        layout = get_layout(backbone, purpose="exit_points='blocks'", instead="exit_points='stages'")
+    except NotImplementedError as err:
+        raise ValueError(str(err)) from None
+    return BlockPoints(layout, in_chans)
+
+
 class ExitsPlan(DepthPlan):
-    """An exit head after each chosen ``feature_info`` stage; the backbone's own head last.
+    """An exit head after each chosen exit point; the backbone's own head last.
 
     Args:
-        feature_info: the backbone's ``feature_info``.
-        exit_indices: increasing ``feature_info`` indices (below the last) with an exit
-            head. Default: every stage past the stem, or ``num_exits`` evenly spaced blocks
-            for ViT-like backbones.
-        num_exits: number of depths for ViT-like backbones (default 4).
+        points: where exit heads can sit: :class:`StagePoints` (``feature_info`` stages) or
+            :class:`BlockPoints` (every block end).
+        exit_indices: increasing indices into ``points.info`` (below the last) with an exit
+            head. Default (:func:`default_exit_indices`): every point past the stem
+            (reduction >= 4), or ``num_exits`` evenly spaced points when all share one
+            reduction (ViT-like backbones) or ``num_exits`` is given.
+        num_exits: number of exit heads, evenly spaced (default 4 for ViT-like backbones).
         head: exit head kind, ``linear``, ``conv`` or ``auto`` (set by the model).
         head_width: embedding width of ``conv`` heads (default: the backbone's final width).
+
+    Example:
+        >>> import timm
+        >>> plan = ExitsPlan(StagePoints(timm.create_model("resnet18").feature_info))
+        >>> plan.exit_points, plan.exit_indices, plan.num_depths
+        ('stages', [1, 2, 3], 4)
     """
 
     name = "exits"
-    config_keys = ("exit_indices", "head", "head_width")
+    config_keys = ("exit_indices", "head", "head_width", "exit_points")
 
     def __init__(
         self,
-        feature_info: Sequence[Dict[str, Any]],
+        points: ExitPoints,
         exit_indices: Optional[Sequence[int]] = None,
         num_exits: Optional[int] = None,
         head: str = "conv",
         head_width: Optional[int] = None,
     ) -> None:
-        n = len(feature_info)
-        nested = nested_exit_indices(feature_info)
+        info = points.info
+        n = len(info)
+        nested = nested_exit_indices(info)
         if exit_indices is None:
-            points = [p for p in default_exit_indices(feature_info, num_exits) if p in nested]
+            chosen = [p for p in default_exit_indices(info, num_exits) if p in nested]
         else:
-            points = list(exit_indices)
-        if any(not isinstance(p, int) or not 0 <= p < n - 1 for p in points) or points != sorted(set(points)):
+            chosen = list(exit_indices)
+        if any(not isinstance(p, int) or not 0 <= p < n - 1 for p in chosen) or chosen != sorted(set(chosen)):
             raise ValueError(
-                f"exit_indices must be increasing feature_info indices in 0..{n - 2} "
-                f"(index {n - 1} is the backbone's own final head), got {points}."
+                f"exit_indices must be increasing {points.what} indices in 0..{n - 2} "
+                f"(index {n - 1} is the backbone's own final head), got {chosen}."
             )
-        bad = [p for p in points if p not in nested]
+        bad = [p for p in chosen if p not in nested]
         if bad:
             raise ValueError(
-                f"exit_indices {bad} do not give nested depths: {_not_nested_reason(feature_info, bad[0])}. "
+                f"exit_indices {bad} do not give nested depths: {_not_nested_reason(info, bad[0])}. "
                 f"Valid exit_indices: {nested}."
             )
-        self.feature_info = [dict(f) for f in feature_info]
-        self.exit_indices = points
+        self.points = points
+        self.exit_indices = chosen
         self.head_kind = head
         self.head_width = head_width
-        self.num_depths = len(points) + 1
+        self.num_depths = len(chosen) + 1
+
+    @property
+    def exit_points(self) -> str:
+        """``"stages"`` or ``"blocks"``: what :attr:`exit_indices` index."""
+        return self.points.name
 
     def build_exits(self, model: Model) -> nn.ModuleList:
-        info, final_red = self.feature_info, self.feature_info[-1]["reduction"]
+        info, final_red = self.points.info, self.points.info[-1]["reduction"]
         return nn.ModuleList(
             ExitHead(info[i]["num_chs"], model.num_classes, kind=self.head_kind, reduction=info[i]["reduction"],
                      final_reduction=final_red, width=self.head_width or model.num_features)
             for i in self.exit_indices
         )
 
+    def exit_modules(self) -> List[str]:
+        return [self.points.info[i]["module"] for i in self.exit_indices]
+
+    def exit_positions(self, layout: StageLayout) -> List[Optional[Position]]:
+        """Where each exit head's map lies in ``layout`` (early exit resumes there); ``None``: the stem output."""
+        ends = self.points.positions(layout)
+        return [ends[i] for i in self.exit_indices]
+
     def config(self) -> Dict[str, Any]:
         cfg: Dict[str, Any] = {"exit_indices": list(self.exit_indices), "head": self.head_kind}
         if self.head_width is not None:
             cfg["head_width"] = self.head_width
+        if self.exit_points != StagePoints.name:
+            cfg["exit_points"] = self.exit_points
         return cfg
 
     @staticmethod
     def describe(config):
-        return f"an exit head (`{config['head']}`) after feature stages {config['exit_indices']}, the backbone's own head last"
+        where = "feature stages" if config.get("exit_points", StagePoints.name) == StagePoints.name else "block ends"
+        return f"an exit head (`{config['head']}`) after {where} {config['exit_indices']}, the backbone's own head last"
 
     def forward_depth(self, model, x, depth):
         if depth == self.num_depths:
             return model.backbone(x)
-        feats = model.backbone.forward_intermediates(
-            x, indices=[self.exit_indices[depth - 1]], stop_early=True, intermediates_only=True
-        )
-        return model.exits[depth - 1](feats[-1])
+        return model.exits[depth - 1](self.points.map_at(model.backbone, x, self.exit_indices[depth - 1]))
 
     def forward_features(self, model, x, depth):
-        """The stage map of exit ``depth`` after the head's body (``conv``: at the final resolution)."""
-        feats = model.backbone.forward_intermediates(
-            x, indices=[self.exit_indices[depth - 1]], stop_early=True, intermediates_only=True
-        )
-        return model.exits[depth - 1].forward_features(feats[-1])
+        """The map of exit ``depth`` after the head's body (``conv``: at the final resolution)."""
+        fmap = self.points.map_at(model.backbone, x, self.exit_indices[depth - 1])
+        return model.exits[depth - 1].forward_features(fmap)
 
     def forward_head(self, model, x, depth, pre_logits):
         return model.exits[depth - 1].forward_head(x, pre_logits=pre_logits)
@@ -294,8 +457,8 @@ class ExitsPlan(DepthPlan):
         return model.exits[depth - 1].fc
 
     def forward_exits(self, model, x, with_features):
-        indices = self.exit_indices + [len(self.feature_info) - 1] if with_features else self.exit_indices
-        final, maps = model.backbone.forward_intermediates(x, indices=indices, stop_early=False)
+        indices = self.exit_indices + [len(self.points.info) - 1] if with_features else self.exit_indices
+        final, maps = self.points.maps(model.backbone, x, indices)
         out = ExitOutputs(logits=[])
         for head, fmap in zip(model.exits, maps):
             if with_features:
@@ -320,13 +483,13 @@ class ExitsPlan(DepthPlan):
         return [(F.adaptive_avg_pool2d(out.feature_maps[depth][-1], target.shape[-2:]), target)]
 
     def export(self, model, depth):
-        """Full depth: a copy of the plain backbone. Below: a copy pruned with timm's
-        ``prune_intermediate_layers`` (later stages, final norm and head removed) + the exit head."""
+        """Full depth: a copy of the plain backbone. Below: a copy cut after the exit point
+        (:meth:`ExitPoints.prune`: timm's ``prune_intermediate_layers`` removes later stages,
+        final norm and head) + the exit head."""
         backbone = copy.deepcopy(model.backbone)
         if depth == self.num_depths:
             return backbone.eval()
-        index = self.exit_indices[depth - 1]
-        backbone.prune_intermediate_layers(indices=[index], prune_norm=True, prune_head=True)
+        index = self.points.prune(backbone, self.exit_indices[depth - 1])
         return ExitModel(backbone, copy.deepcopy(model.exits[depth - 1]), index).eval()
 
 
@@ -466,10 +629,13 @@ def create_plan(
     num_exits: Optional[int] = None,
     head: str = "auto",
     head_width: Optional[int] = None,
+    exit_points: str = StagePoints.name,
     block_depths: Optional[Sequence[Sequence[int]]] = None,
     num_block_depths: int = DEFAULT_BLOCK_DEPTHS,
+    in_chans: int = 3,
 ) -> DepthPlan:
-    """Build the plan ``name`` for ``backbone``; an unknown name lists the valid plans.
+    """Build the plan ``name`` for ``backbone`` (whose images have ``in_chans`` channels); an
+    unknown name lists the valid plans.
 
     Options of the other plan must be left at their defaults (a clear error otherwise).
     """
@@ -479,7 +645,8 @@ def create_plan(
         if block_depths is not None:
             raise ValueError("block_depths belongs to plan='blocks'; drop it or pass plan='blocks'.")
         kind = head_kind_for(backbone) if head == "auto" else head
-        return ExitsPlan(backbone.feature_info, exit_indices, num_exits, kind, head_width)
-    if exit_indices is not None or num_exits is not None:
-        raise ValueError("exit_indices/num_exits belong to plan='exits'; drop them or pass plan='exits'.")
+        points = create_exit_points(exit_points, backbone, in_chans)
+        return ExitsPlan(points, exit_indices, num_exits, kind, head_width)
+    if exit_indices is not None or num_exits is not None or exit_points != StagePoints.name:
+        raise ValueError("exit_indices/num_exits/exit_points belong to plan='exits'; drop them or pass plan='exits'.")
     return BlocksPlan(get_layout(backbone, purpose="plan='blocks'"), block_depths, num_block_depths)

@@ -309,7 +309,7 @@ def _probe(runner: SegmentRunner, x: torch.Tensor) -> Tuple[List[Env], List[torc
 
 @torch.no_grad()
 def build_segments(model: "DepthAdaptiveModel", image_size: Optional[Sequence[int]] = None, atol: float = 1e-4) -> SegmentRunner:
-    """Cut ``model``'s backbone (``exits`` plan) into one segment per depth.
+    """Cut ``model``'s backbone (``exits`` plan, ``exit_points="stages"``) into one segment per depth.
 
     The segments are traced in eval mode (``training`` branches are fixed at trace time:
     use the runner for inference). The build checks the result: the segments, run on
@@ -322,6 +322,11 @@ def build_segments(model: "DepthAdaptiveModel", image_size: Optional[Sequence[in
             the result).
     """
     name = model.backbone_name
+    if model.exit_points == "blocks":
+        raise ValueError(
+            f"{name} cannot run segment by segment: segments are cut at feature_info stages, and this model's "
+            f"exits sit at block ends (exit_points='blocks'), which its StageLayout runs."
+        )
     size = tuple(image_size or model.pretrained_cfg.get("input_size", (model.in_chans, 224, 224)))
     gm, size_specific = _trace(model, size)
     runner, dependent = _split(gm, name)
