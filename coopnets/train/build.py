@@ -102,8 +102,8 @@ def model_factory(name: str, num_classes: int, plan: str = "exits", **options: A
     return NetFactory(name, num_classes, plan, **options)
 
 
-def count_depths(name: str, plan: str = "exits") -> int:
-    """How many depths the nets of :func:`model_factory` ``(name, ..., plan)`` have.
+def count_depths(name: str, plan: str = "exits", model_kwargs: Optional[Mapping[str, Any]] = None) -> int:
+    """How many depths the nets of :func:`model_factory` ``(name, ..., plan, model_kwargs=...)`` have.
 
     The net is built on PyTorch's ``meta`` device: shapes only, no weights allocated,
     no data read, so asking costs a fraction of building one real net.
@@ -111,9 +111,11 @@ def count_depths(name: str, plan: str = "exits") -> int:
     Example:
         >>> count_depths("coop_resnet18"), count_depths("coop_resnet18", plan="blocks")
         (4, 2)
+        >>> count_depths("resnet18", model_kwargs={"exit_points": "blocks"})
+        8
     """
     with torch.device("meta"):
-        return model_factory(name, num_classes=1, plan=plan)().num_depths
+        return model_factory(name, num_classes=1, plan=plan, model_kwargs=model_kwargs)().num_depths
 
 
 def timm_pretrained_cfg(model: str) -> Dict[str, Any]:

@@ -41,7 +41,7 @@ def train_each_depth(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
     factory (:func:`~coopnets.train.build.count_depths`) before any run starts.
     """
     out = Path(cfg.out)
-    num_depths = count_depths(cfg.model, cfg.plan)
+    num_depths = count_depths(cfg.model, cfg.plan, cfg.model_kwargs)
     subs = [dataclasses.replace(cfg, out=str(out / f"depth{d}"), recipe_opts={**cfg.recipe_opts, "depth": d},
                                 resume=cfg.resume and (out / f"depth{d}" / CHECKPOINT).is_file())
             for d in range(1, num_depths + 1)]
