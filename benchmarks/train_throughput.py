@@ -369,7 +369,7 @@ def markdown(results: Mapping[str, Any], notes: str = "") -> str:
                  f"({1e3 * results['sets'][o]['rows'][n]['median_s']:.0f} ms)" for o in sets]
         ips_rows.append(f"| {label_of(n, results)} | {net['params'] / 1e6:.1f}M "
                         f"({net['trainable_params'] / 1e6:.1f}M) | " + " | ".join(cells) + " |")
-    check_rows = [head.replace("| target |", "|"), rule.replace("|---|---|", "|---|")]
+    check_rows = [head.replace("| target |", "|"), "|---|" + "---|" * len(sets)]
     for n in names[1:]:
         check_rows.append(f"| `{n}` | " + " | ".join(
             f"{results['sets'][o]['rows'][n]['ratio_of_medians']:.2f}x" for o in sets) + " |")
@@ -436,13 +436,16 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.3 * len(names) + 3, 4.2))
     for i, o in enumerate(sets):
         xs = [j + (i - (len(sets) - 1) / 2) * width for j in range(len(names))]
-        ax.bar(xs, [results["sets"][o]["rows"][n]["ratio"] for n in names], width, label=o)
+        ratios = [results["sets"][o]["rows"][n]["ratio"] for n in names]
+        bars = ax.bar(xs, ratios, width, label=o)
+        ax.bar_label(bars, labels=[f"{r:.2f}" for r in ratios], fontsize=6, rotation=90, padding=2)
     ax.axhline(1.0, color="k", lw=0.8)
-    for k, (name, target) in enumerate(TARGETS.items()):
-        if name in names:
-            j = names.index(name)
-            ax.hlines(target, j - 0.45, j + 0.45, colors="r", linestyles="--",
-                      label="target" if k == 0 or "target" not in ax.get_legend_handles_labels()[1] else None)
+    ax.set_ylim(0, 1.15 * max(max(s["rows"][n]["ratio"] for n in names) for s in results["sets"].values()) + 0.1)
+    shown = {name: target for name, target in TARGETS.items() if name in names}
+    for k, (name, target) in enumerate(shown.items()):
+        j = names.index(name)
+        ax.hlines(target, j - 0.45, j + 0.45, colors="r", linestyles="--", zorder=0.5, label=None if k else
+                  "targets: " + ", ".join(f"{n} <= {t}x" for n, t in shown.items()))
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([n.replace("cooperative_fixed", "cooperative\n(fixed Leader)") for n in names], fontsize=8)
     ax.set_ylabel("step time / plain timm step")

@@ -61,6 +61,8 @@ def test_tiny_run(tmp_path, keep_torch_settings, capsys):
         reached = rows[name]["ratio"] <= tt.TARGETS[name]
         assert f"`{name}` <= {tt.TARGETS[name]}x plain: base {rows[name]['ratio']:.2f}x (" \
                f"{'reached' if reached else '**not reached**'})" in targets
+    check = md.split("## Check: ratio of medians")[1].split("##")[0]
+    assert [line.count("|") for line in check.splitlines() if line.startswith("|")] == [3, 3, 3, 3]
     assert (tmp_path / "train_throughput.png").stat().st_size > 0
     assert "Compile time" not in md  # no compiled option set was run
 
