@@ -237,7 +237,12 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, target: torch.Tensor, update: bool = True) -> RecipeOutput:
         """Forward/backward on a batch (mixed precision when enabled; loss divided by
-        ``grad_accum_steps``); with ``update`` also clip and step. Returns the recipe's output."""
+        ``grad_accum_steps``); with ``update`` also clip and step. Returns the recipe's output.
+
+        ``x`` goes channels-last here when the run asks for it, so a caller timing or driving
+        single steps gets exactly the loop's step."""
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.dist.device.type, dtype=self.amp_dtype) if self.use_amp else nullcontext()
         with autocast:
             out = self.model(x, target)
@@ -268,8 +273,6 @@ class Trainer:
         last = len(self.train_loader) - 1
         for i, (x, y) in enumerate(bar):
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if self.cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             x, target = self._targets(x, y)
             out = self.train_step(x, target, update=(i + 1) % self.cfg.grad_accum_steps == 0 or i == last)
             n = len(y)
