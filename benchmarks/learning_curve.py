@@ -315,7 +315,7 @@ def analyse(records: List[Mapping[str, Any]]) -> Dict[str, Any]:
     rows = by_row(records)
     result: Dict[str, Any] = {}
     for section, sec_rows in rows.items():
-        others = [m for m in sec_rows if m not in (COOP_DEPLOYED, COOP_OTHER, COOP_MEAN)]
+        others = [m for m in sec_rows if m not in (COOP_DEPLOYED, COOP_OTHER, COOP_MEAN)] if COOP_MEAN in sec_rows else []
         result[section] = {
             "summary": summarise(sec_rows),
             "cooperative_vs": {m: {"teammates_mean": differences(sec_rows, COOP_MEAN, m, per_depth=False),
@@ -450,7 +450,9 @@ def markdown(analysis: Mapping[str, Any], meta: Mapping[str, Any], kept: str) ->
         e = meta["exit8"]
         md += [f"`mlcsd` and `byot` on `{e['model']}` with `model_kwargs={json.dumps(e['model_kwargs'])}` "
                f"({e.get('num_depths', '?')} exits: after each residual block, as MLCSD-Net's two exits per stage), "
-               f"{e['img_size']} px, {e['epochs']} epochs, the same seeds and optimiser; otherwise as above.", ""]
+               f"{e['img_size']} px, {e['epochs']} epochs, the same seeds and optimiser, "
+               + (f"gradient-norm clipping at {e['clip_grad']} for both methods" if e.get("clip_grad") else "no clipping")
+               + "; otherwise as above.", ""]
         md += section_markdown(analysis[EXIT8], meta.get("full_size"))
     else:
         md += [meta.get("exit8_note") or "Not run.", ""]
@@ -459,33 +461,53 @@ def markdown(analysis: Mapping[str, Any], meta: Mapping[str, Any], kept: str) ->
 
 
 def plot(analysis: Mapping[str, Any], path: Path, full: Optional[int]) -> None:
+    """One row per section: accuracy over depths vs size (bands: 95 % CI over seeds), and the
+    paired differences (cooperative's Teammates' mean minus each method; 8-exit: mlcsd minus byot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sections = [s for s in (MAIN, EXIT8) if s in analysis]
-    fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 4.8), squeeze=False)
+    fig, axes = plt.subplots(len(sections), 2, figsize=(13, 4.6 * len(sections)), squeeze=False)
     titles = {MAIN: "all methods", EXIT8: "8-exit ResNet-18 layout"}
-    for ax, section in zip(axes[0], sections):
-        summary = analysis[section]["summary"]
-        for i, name in enumerate(n for n in ordered_rows(summary) if n != COOP_OTHER):
+    names = sorted({n for s in sections for n in analysis[s]["summary"]} - {COOP_DEPLOYED, COOP_OTHER, COOP_MEAN})
+    colors = {n: f"C{i + 1}" for i, n in enumerate(names)}
+    colors.update({COOP_DEPLOYED: "C0", COOP_MEAN: "C0"})
+
+    def band(ax, x, ivs, color, label, style="-"):
+        ax.plot(x, [100 * iv["mean"] for iv in ivs], style, marker="o", ms=3, color=color, label=label)
+        ax.fill_between(x, [100 * iv["lo"] for iv in ivs], [100 * iv["hi"] for iv in ivs], color=color, alpha=0.12)
+
+    for (ax, dx), section in zip(axes, sections):
+        res = analysis[section]
+        summary = res["summary"]
+        for name in (n for n in ordered_rows(summary) if n != COOP_OTHER):
             sizes = sorted(summary[name])
-            m = [100 * summary[name][s]["mean"]["mean"] for s in sizes]
-            lo = [100 * summary[name][s]["mean"]["lo"] for s in sizes]
-            hi = [100 * summary[name][s]["mean"]["hi"] for s in sizes]
-            color = "tab:blue" if name.startswith(REFERENCE) else f"C{i + 1}"
-            style = "--" if name == COOP_MEAN else "-"
-            ax.plot(sizes, m, style, marker="o", ms=3, color=color, label=name)
-            ax.fill_between(sizes, lo, hi, color=color, alpha=0.12)
-        ax.set_xscale("log")
-        ax.set_xlabel("training images (log scale)" + (f"; {full} = all" if full else ""))
+            band(ax, sizes, [summary[name][s]["mean"] for s in sizes], colors[name], name,
+                 "--" if name == COOP_MEAN else "-")
         ax.set_ylabel("test accuracy, mean over depths (%)")
         ax.set_title(f"{titles[section]}: mean and 95 % CI over seeds", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        if res["cooperative_vs"]:
+            for m, d in res["cooperative_vs"].items():
+                sizes = sorted(d["teammates_mean"])
+                band(dx, sizes, [d["teammates_mean"][s]["mean"] for s in sizes], colors[m], f"{REFERENCE} - {m}")
+            dx.set_title(f"paired: {COOP_MEAN} minus each method, 95 % CI", fontsize=10)
+        for name, diffs in res["claims"].items():
+            if name == "mlcsd - byot" and diffs and not res["cooperative_vs"]:
+                sizes = sorted(diffs)
+                band(dx, sizes, [diffs[s]["mean"] for s in sizes], colors["mlcsd"], name)
+                dx.axhline(MLCSD_CLAIM, color="k", ls=":", lw=1, label=f"MLCSD's claim (+{MLCSD_CLAIM})")
+                dx.set_title("paired: mlcsd minus byot, mean over depths, 95 % CI", fontsize=10)
+        dx.axhline(0, color="k", lw=0.8)
+        dx.set_ylabel("difference (points)")
+        for a in (ax, dx):
+            a.set_xscale("log")
+            a.set_xlabel("training images (log scale)" + (f"; {full} = all" if full else ""))
+            a.grid(alpha=0.3, which="both")
+            a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -513,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit8-img-size", type=int, default=32)
     p.add_argument("--exit8-epochs", type=int, default=None, help="default: --epochs")
     p.add_argument("--exit8-sizes", nargs="+", default=["100", "all"])
+    p.add_argument("--exit8-clip-grad", type=float, default=1.0,
+                   help="gradient-norm clipping of both methods in the 8-exit section (0: none; without it "
+                        "mlcsd diverged there in the first epoch at lr 0.05)")
     p.add_argument("--jobs", type=int, default=2, help="training runs at once, each in a subprocess with 1 torch thread")
     p.add_argument("--resume", action="store_true", help="keep finished runs in --runs-dir, train the missing ones")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the table, plot and JSON")
@@ -561,7 +586,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         MAIN: {"methods": methods, "sizes": resolve_sizes(args.sizes, full), "full_size": full,
                "config": {**common, "model": args.model, "img_size": args.img_size, "epochs": args.epochs}}}
     exit8: Dict[str, Any] = {"model": args.exit8_model, "model_kwargs": {"exit_points": "blocks"},
-                             "img_size": args.exit8_img_size, "epochs": args.exit8_epochs or args.epochs}
+                             "img_size": args.exit8_img_size, "epochs": args.exit8_epochs or args.epochs,
+                             "clip_grad": args.exit8_clip_grad or None}
     exit8_note = "Skipped (`--no-exit8`)." if args.no_exit8 else None
     if not args.no_exit8:
         depths, why = exit8_depths(args.exit8_model)
@@ -573,7 +599,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             sections[EXIT8] = {"methods": ["mlcsd", "byot"], "sizes": resolve_sizes(args.exit8_sizes, full),
                                "full_size": full, "config": {**common, "model": args.exit8_model,
                                                              "model_kwargs": exit8["model_kwargs"],
-                                                             "img_size": exit8["img_size"], "epochs": exit8["epochs"]}}
+                                                             "img_size": exit8["img_size"], "epochs": exit8["epochs"],
+                                                             "clip_grad": exit8["clip_grad"]}}
     if exit8_note:
         print(f"note: {exit8_note}", file=sys.stderr)
     runs_dir, out = Path(args.runs_dir), Path(args.out)
