@@ -408,7 +408,8 @@ def section_markdown(res: Mapping[str, Any], full: Optional[int]) -> List[str]:
            f"of its one run per depth), mean over every run of the section, relative to `{REFERENCE}`. Runs shared "
            "the machine with each other (`--jobs`) and with other work, so these are rough.", ""]
     md += table(["method", "runs", "train time (s)", f"vs {REFERENCE}"],
-                [[f"`{m}`", str(c["runs"]), f"{c['wall_time_s']:.1f}", f"{c['relative']:.2f}x"]
+                [[f"`{m}`", str(c["runs"]), f"{c['wall_time_s']:.1f}",
+                  "" if math.isnan(c["relative"]) else f"{c['relative']:.2f}x"]
                  for m, c in sorted(cost.items(), key=lambda kv: kv[0] != REFERENCE)])
     return md + [""]
 
@@ -419,6 +420,7 @@ def markdown(analysis: Mapping[str, Any], meta: Mapping[str, Any], kept: str) ->
     mach = meta["machine"]
     invocations = meta["invocations"]
     total = sum(i["wall_s"] for i in invocations)
+    invocations = [i for i in invocations if i["trained"]]  # not the re-renders of a finished study
     runs = [f"{i['started']}: {i['wall_s'] / 60:.1f} min, {i['trained']} runs trained" for i in invocations]
     md = [
         "# Learning curves: the training methods where data is scarce",
@@ -433,7 +435,7 @@ def markdown(analysis: Mapping[str, Any], meta: Mapping[str, Any], kept: str) ->
         "",
         f"Machine: {mach['cpu']}, {mach['cores']} cores (shared with other work), torch {mach['torch']}, timm "
         f"{mach['timm']}, python {mach['python']}; {s['jobs']} runs at a time, 1 torch thread each. "
-        f"Ran {total / 60:.1f} min in {len(invocations)} invocation(s) "
+        f"Ran {total / 60:.1f} min in {len(invocations)} training invocation(s) "
         f"({'; '.join(runs)}).",
         "",
         "Command (the study; a rerun with `--resume` keeps finished runs and adds missing ones):",
