@@ -184,3 +184,11 @@ def test_a_timm_users_fine_tuning_command_works_end_to_end(hub, tmp_path, capsys
     before = snapshot(run)
     err = refused([*argv[1:], "--resume", "--lr", "1e-2"], capsys)
     assert "--lr 0.01 (saved 0.001)" in err and snapshot(run) == before
+
+
+def test_layer_decay_on_a_backbone_without_group_matcher_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import timm.models.resnet
+
+    monkeypatch.delattr(timm.models.resnet.ResNet, "group_matcher")
+    err = refused([*TINY, "--layer-decay", "0.7", "--out", str(tmp_path / "ld")], capsys)
+    assert "--layer-decay" in err and "no group_matcher" in err and not (tmp_path / "ld").exists()

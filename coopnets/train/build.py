@@ -142,8 +142,11 @@ def create_optimization(model: nn.Module, cfg: TrainConfig) -> Tuple[torch.optim
     """
     if cfg.layer_decay is not None and not hasattr(model, "group_matcher"):
         raise ValueError(f"--layer-decay needs a model with timm's group_matcher; {type(model).__name__} has none.")
-    optimizer = create_optimizer_v2(model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                                    layer_decay=cfg.layer_decay)
+    try:
+        optimizer = create_optimizer_v2(model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        momentum=cfg.momentum, layer_decay=cfg.layer_decay)
+    except NotImplementedError as e:  # a net whose timm backbone has no group_matcher
+        raise ValueError(f"--layer-decay: {e} Drop --layer-decay for this model.") from None
     scheduler, _ = create_scheduler_v2(optimizer, cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                        min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, decay_epochs=cfg.decay_epochs,
                                        decay_rate=cfg.decay_rate)
