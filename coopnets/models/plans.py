@@ -420,6 +420,7 @@ class ExitsPlan(DepthPlan):
         )
 
     def exit_modules(self) -> List[str]:
+        """The backbone module each exit head reads from (its ``group_matcher`` group follows it)."""
         return [self.points.info[i]["module"] for i in self.exit_indices]
 
     def exit_positions(self, layout: StageLayout) -> List[Optional[Position]]:

@@ -29,6 +29,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from ..models.depth_adaptive import DepthAdaptiveModel
+from .best import score_of
 
 ModelFactory = Callable[[], DepthAdaptiveModel]
 
@@ -109,7 +110,7 @@ class Recipe(nn.Module):
 
     def deployable(self, val_accuracy: Mapping[str, List[float]]) -> str:
         """Name (a key of :meth:`eval_models`) of the net to deploy, given per-depth val accuracy."""
-        return max(val_accuracy, key=lambda k: sum(val_accuracy[k]) / len(val_accuracy[k]))
+        return max(val_accuracy, key=lambda k: score_of(val_accuracy[k], "mean_accuracy"))
 
     # --- timm's optimizer hooks, over every net of the recipe ---------------------------
     def _timm_nets(self, hook: str) -> List[Tuple[str, nn.Module]]:
@@ -146,21 +147,12 @@ class Recipe(nn.Module):
             ...     "leader.conv1.0.weight", "teammate_b.exits.0.fc.weight", "teammate_a.backbone.fc.weight")]
             [0.03125, 0.03125, 0.0625, 1.0]
         """
-        layer_of: Dict[str, int] = {}
-        tops: Dict[str, int] = {}
-        for prefix, net in self._timm_nets("group_matcher"):
-            ids = group_parameters(net, net.group_matcher(coarse=coarse), reverse=True)
-            tops[prefix] = max(ids.values(), default=0)
-            layer_of.update({f"{prefix}.{name}": (prefix, layer) for name, layer in ids.items()})
-        top = max(tops.values(), default=0)
-
-        def ordinal(name: str) -> Tuple[float]:
-            if name not in layer_of:
-                return (float(top),)
-            prefix, layer = layer_of[name]
-            return (float(layer + top - tops[prefix]),)
-
-        return ordinal
+        layers = {prefix: group_parameters(net, net.group_matcher(coarse=coarse), reverse=True)
+                  for prefix, net in self._timm_nets("group_matcher")}  # net -> {param name: layer}
+        top = max((max(ids.values(), default=0) for ids in layers.values()), default=0)
+        ordinals = {f"{prefix}.{name}": float(layer + top - max(ids.values(), default=0))
+                    for prefix, ids in layers.items() for name, layer in ids.items()}
+        return lambda name: (ordinals.get(name, float(top)),)
 
 
 RECIPES: Dict[str, Type[Recipe]] = {}

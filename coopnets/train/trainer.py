@@ -175,7 +175,6 @@ class Trainer:
         self.updates = 0  # optimizer steps so far (EMA warmup)
         self.best = BestEpochs(self.out, cfg.checkpoint_hist)
         self.start_epoch, self.elapsed, self.val_acc = 0, 0.0, {}
-        self.epoch = 0  # the epoch the nets hold
         if saved is not None:
             self._restore(saved, resume_from)
         self.model = self.recipe
@@ -188,19 +187,19 @@ class Trainer:
             self.model = torch.compile(self.model, backend=cfg.torchcompile)
 
     # --- state ----------------------------------------------------------------------
-    def _state(self, epoch: int) -> Dict[str, Any]:
-        return {
-            "recipe": self.recipe.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": epoch, "elapsed_s": self.elapsed, "val_accuracy": self.val_acc, "rng": rng_state(),
-            "ema": self.ema.state_dict() if self.ema is not None else None, "updates": self.updates,
-            "best": [list(kept) for kept in self.best.ledger],
-        }
-
     def _weights(self) -> Dict[str, Any]:
-        """What a kept best epoch stores: the nets' weights (recipe and EMA), not the optimizer."""
+        """What a kept best epoch stores: the nets' weights (recipe and EMA) and their val accuracy."""
         return {"recipe": self.recipe.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
                 "val_accuracy": self.val_acc}
+
+    def _state(self, epoch: int) -> Dict[str, Any]:
+        """``last.pth``: the weights plus everything a resume needs (optimizer, schedule, RNG, best-epoch ledger)."""
+        return {
+            **self._weights(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": epoch, "elapsed_s": self.elapsed, "rng": rng_state(), "updates": self.updates,
+            "best": [list(kept) for kept in self.best.ledger],
+        }
 
     def _restore(self, state: Dict[str, Any], path: Path) -> None:
         try:
@@ -215,7 +214,7 @@ class Trainer:
             raise CheckpointReadError(f"{path} does not fit this run's nets or optimizer ({first[:200]}); resume "
                                       f"with the run's own settings or start a new run with another --out.") from None
         self.start_epoch, self.elapsed, self.val_acc = state["epoch"], state["elapsed_s"], state["val_accuracy"]
-        self.updates, self.epoch = state.get("updates", 0), self.start_epoch
+        self.updates = state.get("updates", 0)
         self.best = BestEpochs(self.out, self.cfg.checkpoint_hist, state.get("best", ()))
         set_rng_state(state["rng"])
         if self.dist.is_main:
@@ -320,7 +319,6 @@ class Trainer:
             write_json(self.out / CONFIG, {**dataclasses.asdict(self.cfg), "world_size": self.dist.world_size,
                                            "command": self.cfg.command(self.dist.world_size)})
         for epoch in range(self.start_epoch, self.cfg.epochs):
-            self.epoch = epoch + 1
             start = time.perf_counter()
             stats = self.train_epoch(epoch)
             self.scheduler.step(epoch + 1)
@@ -346,8 +344,8 @@ class Trainer:
     def _restore_best(self) -> int:
         """Load the best kept epoch's weights and validation accuracy; returns the epoch the nets now hold."""
         epoch = self.best.best()
-        if epoch is None:
-            return self.epoch
+        if epoch is None:  # the nets hold the last epoch trained (or resumed, when none was left to train)
+            return max(self.start_epoch, self.cfg.epochs)
         kept = self.best.load(epoch)
         self.recipe.load_state_dict(kept["recipe"])
         if self.ema is not None:
