@@ -11,7 +11,8 @@ For each seed this trains, with the same epochs, optimizer and schedule:
 
 It reports per-depth test accuracy (mean and std over seeds) and the training wall time
 of the cooperative run against the sum of the individual runs, as a Markdown table and
-a PNG in ``benchmarks/results/``.
+a PNG in ``benchmarks/results/`` (a hand-written section already there, under a heading
+that says "(written by hand", is kept on rewrite).
 
 Usage:
     python benchmarks/cooperative_vs_individual.py --epochs 6 --seeds 0 1 2 --img-size 16
@@ -19,25 +20,22 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+import harness
 from coopnets.train import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "cooperative_vs_individual"
 
 
-def run(cfg: TrainConfig, root: Path, tag: str, bar: tqdm) -> Dict[str, Any]:
+def run(cfg: TrainConfig, root: Path, tag: str, bar: Any) -> Dict[str, Any]:
     cfg.out = str(root / tag)
     bar.set_description(tag)
     summary = train(cfg, echo=False)
@@ -46,15 +44,15 @@ def run(cfg: TrainConfig, root: Path, tag: str, bar: tqdm) -> Dict[str, Any]:
 
 
 def mean_std(values: Sequence[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
+    mean, sd = harness.mean_std(values)
+    return f"{100 * mean:.2f} ± {100 * sd:.2f}"
 
 
 def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     base = dict(model=args.model, img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size,
                 lr=args.lr, progress=False, profile_repeats=args.profile_repeats)
     results: Dict[str, Any] = {"cooperative": [], "individual": [], "flops": None}
-    with tempfile.TemporaryDirectory() as tmp, tqdm(total=2 * len(args.seeds), unit="run") as bar:
+    with tempfile.TemporaryDirectory() as tmp, harness.progress_bar(total=2 * len(args.seeds), unit="run") as bar:
         root = Path(tmp)
         for seed in args.seeds:
             coop = run(TrainConfig(method="cooperative", seed=seed, **base), root, f"coop-s{seed}", bar)
@@ -67,53 +65,35 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     return results
 
 
-def to_markdown(res: Dict[str, Any], args: argparse.Namespace, command: str) -> str:
+def render(report: harness.Report, res: Mapping[str, Any], args: argparse.Namespace) -> None:
     coop, indiv, flops = res["cooperative"], res["individual"], res["flops"]
     depths = len(flops)
-    lines = [
-        "| depth | GFLOPs | cooperative (deployed Teammate) | trained alone | difference (points) |",
-        "|---|---|---|---|---|",
-    ]
+    rows = []
     for d in range(depths):
         c = [r["acc"][d] for r in coop]
         i = [runs[d]["acc"] for runs in indiv]
         label = f"{d + 1}" + (" (full = plain backbone)" if d == depths - 1 else "")
         diff = 100 * (statistics.mean(c) - statistics.mean(i))
-        lines.append(f"| {label} | {flops[d] / 1e9:.4f} | {mean_std(c)} | {mean_std(i)} | {diff:+.2f} |")
+        rows.append([label, f"{flops[d] / 1e9:.4f}", mean_std(c), mean_std(i), f"{diff:+.2f}"])
     coop_wall = [r["wall_s"] for r in coop]
     sum_wall = [sum(r["wall_s"] for r in runs) for runs in indiv]
-    ratio = statistics.mean(coop_wall) / statistics.mean(sum_wall)
-    return "\n".join([
-        f"# Cooperative vs individually trained depths ({args.model}, digits)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {platform.platform()}, {torch.get_num_threads()} torch thread(s), CPU only, "
-        f"load average (1 min) {res['load'][0]:.2f} at the start and {res['load'][1]:.2f} at the end (this "
-        f"benchmark's own thread included). torch {torch.__version__}.",
-        "",
+    wall = {"coop": harness.mean_std(coop_wall), "sum": harness.mean_std(sum_wall)}
+    report.text(
         f"Setting: {args.epochs} epochs, batch {args.batch_size}, SGD lr {args.lr} cosine, "
         f"{args.img_size}x{args.img_size} inputs, seeds {list(args.seeds)}; test split of 360 images. "
         "Accuracy in %, mean ± std over seeds. 'Trained alone' at depth k is the truncated net "
-        "(stem, stages 1..k, exit k) trained with CE only; at full depth it is the plain backbone.",
-        "",
-        *lines,
-        "",
-        "| training wall time (s, per seed) | mean ± std |",
-        "|---|---|",
-        f"| cooperative (Leader + 2 Teammates, all depths, one run) | {statistics.mean(coop_wall):.0f} ± {statistics.pstdev(coop_wall):.0f} |",
-        f"| sum of the {depths} individual runs | {statistics.mean(sum_wall):.0f} ± {statistics.pstdev(sum_wall):.0f} |",
-        f"| ratio cooperative / sum | {ratio:.2f} |",
-        "",
+        "(stem, stages 1..k, exit k) trained with CE only; at full depth it is the plain backbone.")
+    report.table(["depth", "GFLOPs", "cooperative (deployed Teammate)", "trained alone", "difference (points)"], rows)
+    report.table(["training wall time (s, per seed)", "mean ± std"], [
+        ["cooperative (Leader + 2 Teammates, all depths, one run)", "{:.0f} ± {:.0f}".format(*wall["coop"])],
+        [f"sum of the {depths} individual runs", "{:.0f} ± {:.0f}".format(*wall["sum"])],
+        ["ratio cooperative / sum", f"{wall['coop'][0] / wall['sum'][0]:.2f}"],
     ])
+    report.image(f"{NAME}.png", "accuracy vs FLOPs")
 
 
-def plot(res: Dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(res: Mapping[str, Any]) -> Any:
+    plt = harness.pyplot()
     flops = [f / 1e9 for f in res["flops"]]
     series = {
         "cooperative": [[r["acc"][d] for r in res["cooperative"]] for d in range(len(flops))],
@@ -121,16 +101,14 @@ def plot(res: Dict[str, Any], path: Path) -> None:
     }
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for (label, per_depth), fmt in zip(series.items(), ("o-", "s--")):
-        means = [statistics.mean(v) for v in per_depth]
-        sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_depth]
-        ax.errorbar(flops, means, yerr=sds, fmt=fmt, capsize=3, label=label)
+        stats = [harness.mean_std(v) for v in per_depth]
+        ax.errorbar(flops, [m for m, _ in stats], yerr=[s for _, s in stats], fmt=fmt, capsize=3, label=label)
     ax.set_xlabel("GFLOPs per image (depth 1..D)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,16 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/cooperative_vs_individual.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    load_at_start = os.getloadavg()[0]
+    report = harness.Report.start(NAME, f"Cooperative vs individually trained depths ({args.model}, digits)",
+                                  __file__, argv)
     res = benchmark(args)
-    res["load"] = [load_at_start, os.getloadavg()[0]]
-    md = to_markdown(res, args, command)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{NAME}.md").write_text(md)
-    (args.out / f"{NAME}.json").write_text(json.dumps(res, indent=1))
-    plot(res, args.out / f"{NAME}.png")
-    print(md)
+    report.finish()
+    render(report, res, args)
+    report.keep_handwritten(args.out / f"{NAME}.md")
+    paths = report.write(args.out, data=res, figure=plot(res))
+    print(paths["md"].read_text())
     return 0
 
 

@@ -19,8 +19,8 @@ Reported in ``--out`` (``learning_curve.md`` / ``.png`` / ``.json``):
   cooperative vs every other method (mean over depths), ekd vs independent (per depth and
   mean), mlcsd vs byot (per depth and mean; MLCSD claims +1.18 points);
 * the section "MLCSD on the 8-exit ResNet-18 layout": ``mlcsd`` and ``byot`` on
-  ``resnet18`` with ``model_kwargs={"exit_points": "blocks"}`` (two exits per stage, as
-  MLCSD-Net), skipped with a note while the installed coopnets lacks that option;
+  ``resnet18`` with ``model_kwargs={"exit_points": "blocks"}`` (an exit after every
+  residual block, two per stage, as MLCSD-Net; ``--no-exit8`` skips it);
 * training cost: the trainer's ``wall_time_s`` (``independent``: the sum of its one run
   per depth), mean per method, relative to ``cooperative``.
 
@@ -41,28 +41,22 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import dataclasses
 import json
 import math
 import multiprocessing as mp
-import os
-import shlex
 import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import REFERENCE, default_methods  # noqa: E402
-from latency import machine  # noqa: E402
+import harness
+from coopnets.train import TrainConfig, train
+from harness import paired_difference, t_interval  # noqa: F401  (the study's statistics, re-exported)
 
-from coopnets.train import TrainConfig, train  # noqa: E402
-from coopnets.train.recipe import RECIPES  # noqa: E402
+REFERENCE = harness.REFERENCE_METHOD
 
 NAME = "learning_curve"
 MAIN, EXIT8 = "main", "exit8"
@@ -71,38 +65,6 @@ COOP_DEPLOYED, COOP_OTHER, COOP_MEAN = REFERENCE, f"{REFERENCE} (other teammate)
 HANDWRITTEN = "## What this shows"
 CLAIMS = {"ekd": "independent", "mlcsd": "byot"}
 MLCSD_CLAIM = 1.18  # points of average accuracy over self-distillation (MLCSD-Net)
-
-
-# --- statistics -------------------------------------------------------------------------
-def t_interval(values: Sequence[float], level: float = 0.95) -> Dict[str, float]:
-    """Mean and two-sided t-interval of ``values`` (``lo``/``hi`` are NaN for fewer than 2 values).
-
-    Example:
-        >>> r = t_interval([1.0, 2.0, 3.0]); r["mean"], round(r["hi"] - r["mean"], 3), r["n"]
-        (2.0, 2.484, 3)
-    """
-    from scipy import stats
-
-    n = len(values)
-    mean = sum(values) / n if n else float("nan")
-    if n < 2:
-        return {"mean": mean, "lo": float("nan"), "hi": float("nan"), "n": n}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
-
-
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Dict[str, Any]:
-    """``a - b`` over the seeds both have: mean with t-interval, the seeds and how many favour ``a``.
-
-    Example:
-        >>> d = paired_difference({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.88, 1: 0.79, 2: 0.80, 3: 0.1})
-        >>> d["seeds"], round(d["mean"], 4), d["wins"]
-        ([0, 1, 2], 0.0267, 3)
-    """
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds]
-    return {**t_interval(diffs), "seeds": seeds, "wins": sum(d > 0 for d in diffs)}
 
 
 # --- runs ---------------------------------------------------------------------------------
@@ -143,24 +105,9 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
         "wall_time_s": summary["wall_time_s"], "run_wall_time_s": summary.get("run_wall_time_s"),
         "process_time_s": time.perf_counter() - start, "config": spec["config"],
     }
-    path = Path(spec["record"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    harness.write_json(spec["record"], record)
     shutil.rmtree(cfg.out, ignore_errors=True)  # weights are not kept: the record has the numbers
     return record
-
-
-def strict_json(value: Any) -> Any:
-    """``value`` with NaN floats as None (strict JSON)."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
 
 
 def _init_worker() -> None:
@@ -225,7 +172,7 @@ def execute(specs: List[Dict[str, Any]], jobs: int, resume: bool) -> Tuple[List[
         accs = "/".join(f"{100 * a:.1f}" for a in r["accuracy"])
         bar.write(f"{r['key']:36s} acc {accs}  train {r['wall_time_s']:.0f}s")
 
-    with tqdm(total=len(todo), unit="run", dynamic_ncols=True, smoothing=0.05) as bar:
+    with harness.progress_bar(total=len(todo), unit="run", smoothing=0.05) as bar:
         if jobs <= 1:
             for spec in todo:
                 bar.set_description(spec["key"])
@@ -336,11 +283,7 @@ def analyse(records: List[Mapping[str, Any]]) -> Dict[str, Any]:
 # --- report -------------------------------------------------------------------------------
 def pct(iv: Mapping[str, float], signed: bool = False) -> str:
     """``93.1 [91.8, 94.4]`` (percent points; NaN bounds for a single seed are left out)."""
-    f = "{:+.1f}" if signed else "{:.1f}"
-    text = f.format(100 * iv["mean"])
-    if not math.isnan(iv.get("lo", float("nan"))):
-        text += f" [{f.format(100 * iv['lo'])}, {f.format(100 * iv['hi'])}]"
-    return text
+    return harness.format_interval(iv, "{:.1f}", scale=100, signed=signed)
 
 
 def diff_cell(d: Mapping[str, Any]) -> str:
@@ -348,7 +291,7 @@ def diff_cell(d: Mapping[str, Any]) -> str:
 
 
 def table(head: List[str], body: List[List[str]]) -> List[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
+    return harness.markdown_table(head, body).splitlines()
 
 
 def ordered_rows(summary: Mapping[str, Any]) -> List[str]:
@@ -414,62 +357,45 @@ def section_markdown(res: Mapping[str, Any], full: Optional[int]) -> List[str]:
     return md + [""]
 
 
-def markdown(analysis: Mapping[str, Any], meta: Mapping[str, Any], kept: str) -> str:
+def report_of(analysis: Mapping[str, Any], meta: Mapping[str, Any], md_path: Path) -> harness.Report:
+    """The study's report from its analysis and record; the hand-written section of ``md_path`` is kept."""
     s = meta["settings"]
-    data = s["data_dir"] or "digits (embedded: 1,077 train / 360 val / 360 test images, stratified split)"
-    mach = meta["machine"]
     invocations = meta["invocations"]
-    total = sum(i["wall_s"] for i in invocations)
-    invocations = [i for i in invocations if i["trained"]]  # not the re-renders of a finished study
-    runs = [f"{i['started']}: {i['wall_s'] / 60:.1f} min, {i['trained']} runs trained" for i in invocations]
-    md = [
-        "# Learning curves: the training methods where data is scarce",
-        "",
-        f"Data: {data}; the training set of each run is a stratified random subset of the train split drawn with "
-        "the run's seed (the same subset for every method of that seed), repeated so every epoch has about as many "
-        "samples as the whole split (same steps and validations at every size). Val and test splits are whole. "
-        f"Backbone `{s['model']}`, plan `{s['plan']}`, {s['img_size']} px, {s['epochs']} epochs, batch "
-        f"{s['batch_size']}, {s['opt']} lr {s['lr']} ({s['sched']}), seeds {', '.join(map(str, s['seeds']))}. "
-        "Paired: one seed gives every method the same subset and the same initialisation of its first net "
-        "(cooperative's Teammate B and Leader are further draws).",
-        "",
-        f"Machine: {mach['cpu']}, {mach['cores']} cores (shared with other work), torch {mach['torch']}, timm "
-        f"{mach['timm']}, python {mach['python']}; {s['jobs']} runs at a time, 1 torch thread each. "
-        f"Ran {total / 60:.1f} min in {len(invocations)} training invocation(s) "
-        f"({'; '.join(runs)}).",
-        "",
-        "Command (the study; a rerun with `--resume` keeps finished runs and adds missing ones):",
-        "",
-        "```",
-        meta["command"],
-        "```",
-        "",
-    ]
+    trained = [i for i in invocations if i["trained"]]  # not the re-renders of a finished study
+    runs = [f"{i['started']}: {i['wall_s'] / 60:.1f} min, {i['trained']} runs trained" for i in trained]
+    report = harness.Report.from_meta(NAME, "Learning curves: the training methods where data is scarce", meta)
+    report.elapsed_s = sum(i["wall_s"] for i in invocations)  # the whole study, over its invocations
+    report.text(
+        f"{harness.describe_training(s)}, seeds {', '.join(map(str, s['seeds']))}. The training set of each run is a "
+        "stratified random subset of the train split drawn with the run's seed (the same subset for every method of "
+        "that seed), repeated so every epoch has about as many samples as the whole split (same steps and "
+        "validations at every size). Val and test splits are whole. Paired: one seed gives every method the same "
+        "subset and the same initialisation of its first net (cooperative's Teammate B and Leader are further draws).",
+        f"{s['jobs']} runs at a time, 1 torch thread each, on cores shared with other work; "
+        f"{len(trained)} training invocation(s) ({'; '.join(runs)}). The command is the study's: a rerun with "
+        "`--resume` keeps finished runs and adds missing ones.")
     if MAIN in analysis:
-        md += ["## All methods", ""] + section_markdown(analysis[MAIN], meta.get("full_size"))
-    md += ["## MLCSD on the 8-exit ResNet-18 layout", ""]
+        report.heading("All methods")
+        report.text("\n".join(section_markdown(analysis[MAIN], meta.get("full_size"))))
+    report.heading("MLCSD on the 8-exit ResNet-18 layout")
     if EXIT8 in analysis:
         e = meta["exit8"]
-        md += [f"`mlcsd` and `byot` on `{e['model']}` with `model_kwargs={json.dumps(e['model_kwargs'])}` "
-               f"({e.get('num_depths', '?')} exits: after each residual block, as MLCSD-Net's two exits per stage), "
-               f"{e['img_size']} px, {e['epochs']} epochs, the same seeds and optimiser, "
-               + (f"gradient-norm clipping at {e['clip_grad']} for both methods" if e.get("clip_grad") else "no clipping")
-               + "; otherwise as above.", ""]
-        md += section_markdown(analysis[EXIT8], meta.get("full_size"))
+        report.text(f"`mlcsd` and `byot` on `{e['model']}` with `model_kwargs={json.dumps(e['model_kwargs'])}` "
+                    f"({e.get('num_depths', '?')} exits: after each residual block, as MLCSD-Net's two exits per "
+                    f"stage), {e['img_size']} px, {e['epochs']} epochs, the same seeds and optimiser, "
+                    + (f"gradient-norm clipping at {e['clip_grad']} for both methods" if e.get("clip_grad")
+                       else "no clipping") + "; otherwise as above.",
+                    "\n".join(section_markdown(analysis[EXIT8], meta.get("full_size"))))
     else:
-        md += [meta.get("exit8_note") or "Not run.", ""]
-    md.append(kept.rstrip() + "\n" if kept else f"{HANDWRITTEN}\n\n(To be written by hand from the numbers above.)\n")
-    return "\n".join(md)
+        report.text(meta.get("exit8_note") or "Not run.")
+    report.keep_from(md_path, HANDWRITTEN, default=f"{HANDWRITTEN}\n\n(To be written by hand from the numbers above.)")
+    return report
 
 
-def plot(analysis: Mapping[str, Any], path: Path, full: Optional[int]) -> None:
+def plot(analysis: Mapping[str, Any], full: Optional[int]) -> Any:
     """One row per section: accuracy over depths vs size (bands: 95 % CI over seeds), and the
     paired differences (cooperative's Teammates' mean minus each method; 8-exit: mlcsd minus byot)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     sections = [s for s in (MAIN, EXIT8) if s in analysis]
     fig, axes = plt.subplots(len(sections), 2, figsize=(13, 4.6 * len(sections)), squeeze=False)
     titles = {MAIN: "all methods", EXIT8: "8-exit ResNet-18 layout"}
@@ -509,8 +435,7 @@ def plot(analysis: Mapping[str, Any], path: Path, full: Optional[int]) -> None:
             a.grid(alpha=0.3, which="both")
             a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -520,16 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", nargs="+", default=["50", "100", "200", "500", "all"],
                    help="training-set sizes drawn from the train split ('all': the whole split)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--data-dir", default=None, help="ImageFolder root (default: the embedded digits set)")
-    p.add_argument("--model", default="test_resnet", help="backbone of every method (zoo or timm name)")
-    p.add_argument("--plan", default="exits", choices=("exits", "blocks"))
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--opt", default="sgd")
-    p.add_argument("--sched", default="cosine")
-    p.add_argument("--device", default=None)
+    harness.add_train_arguments(p)
     p.add_argument("--limit-train", type=int, default=None, help="first N train images only (smoke tests; sizes refer to them)")
     p.add_argument("--limit-eval", type=int, default=None, help="first N val/test images only (smoke tests)")
     p.add_argument("--no-exit8", action="store_true", help="skip the 8-exit ResNet-18 section")
@@ -547,16 +463,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def exit8_depths(model: str) -> Tuple[Optional[int], Optional[str]]:
-    """Number of exits of ``model`` with ``exit_points="blocks"``, or None and why not."""
-    import coopnets
-
-    try:
-        return coopnets.wrap(model, num_classes=10, exit_points="blocks").num_depths, None
-    except Exception as e:  # noqa: BLE001 - any failure means the layout is not available here
-        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-
-
 def resolve_sizes(sizes: Sequence[str], full: int) -> List[int]:
     out = sorted({full if s == "all" else int(s) for s in sizes})
     bad = [s for s in out if s > full]
@@ -570,20 +476,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from coopnets.train.data import load_data
 
-    methods = args.methods or default_methods()
-    unknown = sorted(set(methods) - set(RECIPES))
-    if unknown:
-        raise SystemExit(f"Unknown method(s) {unknown}; valid methods: {', '.join(sorted(RECIPES))}.")
-    methods = [REFERENCE] + [m for m in methods if m != REFERENCE]
+    methods = harness.recipe_methods(args.methods)
     if len(args.seeds) < 5:
         print(f"note: {len(args.seeds)} seed(s); the committed study uses at least 5.", file=sys.stderr)
     if args.jobs <= 1:
         torch.set_num_threads(1)
+    # the study's command: a rerun with --resume is the same study
+    run = harness.Report.start(NAME, "", __file__, [a for a in argv if a != "--resume"], torch_threads="1 per run")
     full = len(load_data("digits", args.data_dir, 8 if args.data_dir is None else args.img_size)
                .limited(args.limit_train).train)
-    common = dict(data_dir=args.data_dir, plan=args.plan, batch_size=args.batch_size, lr=args.lr, opt=args.opt,
-                  sched=args.sched, device=args.device, limit_train=args.limit_train, limit_eval=args.limit_eval,
-                  progress=False, profile_repeats=1)
+    settings = harness.train_settings(args)
+    common = {**{k: v for k, v in settings.items() if k not in ("model", "img_size", "epochs")},
+              "limit_train": args.limit_train, "limit_eval": args.limit_eval, "progress": False, "profile_repeats": 1}
     sections: Dict[str, Dict[str, Any]] = {
         MAIN: {"methods": methods, "sizes": resolve_sizes(args.sizes, full), "full_size": full,
                "config": {**common, "model": args.model, "img_size": args.img_size, "epochs": args.epochs}}}
@@ -592,49 +496,34 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "clip_grad": args.exit8_clip_grad or None}
     exit8_note = "Skipped (`--no-exit8`)." if args.no_exit8 else None
     if not args.no_exit8:
-        depths, why = exit8_depths(args.exit8_model)
-        if depths is None:
-            exit8_note = (f"Not run: this coopnets cannot build `{args.exit8_model}` with "
-                          f"`exit_points=\"blocks\"` ({why}). Rerun the command with `--resume` once it can.")
-        else:
-            exit8["num_depths"] = depths
-            sections[EXIT8] = {"methods": ["mlcsd", "byot"], "sizes": resolve_sizes(args.exit8_sizes, full),
-                               "full_size": full, "config": {**common, "model": args.exit8_model,
-                                                             "model_kwargs": exit8["model_kwargs"],
-                                                             "img_size": exit8["img_size"], "epochs": exit8["epochs"],
-                                                             "clip_grad": exit8["clip_grad"]}}
-    if exit8_note:
-        print(f"note: {exit8_note}", file=sys.stderr)
+        sections[EXIT8] = {"methods": ["mlcsd", "byot"], "sizes": resolve_sizes(args.exit8_sizes, full),
+                           "full_size": full, "config": {**common, "model": args.exit8_model,
+                                                         "model_kwargs": exit8["model_kwargs"],
+                                                         "img_size": exit8["img_size"], "epochs": exit8["epochs"],
+                                                         "clip_grad": exit8["clip_grad"]}}
     runs_dir, out = Path(args.runs_dir), Path(args.out)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     specs = plan_runs(sections, args.seeds, runs_dir)
-    started, t0 = time.strftime("%Y-%m-%d %H:%M"), time.perf_counter()
     new, failed = execute(specs, args.jobs, args.resume)
+    run.finish()
     history_path = runs_dir / "invocations.json"
     history = json.loads(history_path.read_text()) if args.resume and history_path.is_file() else []
-    history.append({"started": started, "wall_s": time.perf_counter() - t0, "trained": len(new),
-                    "failed": failed, "argv": argv})
-    history_path.write_text(json.dumps(history, indent=1) + "\n")
+    history.append({"started": run.started, "wall_s": run.elapsed_s, "trained": len(new), "failed": failed,
+                    "argv": argv})
+    harness.write_json(history_path, history)
 
     wanted = {s["key"] for s in specs}
     records = [r for r in load_records(runs_dir) if r["key"] in wanted]
+    exit8_acc = next((r["accuracy"] for r in records if r["section"] == EXIT8), None)
+    if exit8_acc is not None:
+        exit8["num_depths"] = len(exit8_acc)
     analysis = analyse(records)
-    command = "python benchmarks/learning_curve.py" + "".join(" " + shlex.quote(a) for a in argv if a != "--resume")
-    mach = machine()
-    mach["torch_threads"] = "1 per run"
-    meta = {"command": command, "machine": mach, "invocations": history, "full_size": full,
-            "settings": {**vars(args), "methods": methods}, "exit8": exit8, "exit8_note": exit8_note}
-    md_path = out / f"{NAME}.md"
-    kept = ""
-    if md_path.is_file() and HANDWRITTEN in md_path.read_text():
-        text = md_path.read_text()
-        kept = text[text.index(HANDWRITTEN):]
-    (out / f"{NAME}.json").write_text(json.dumps(strict_json({**meta, "runs": records, "analysis": analysis}), indent=1) + "\n")
-    md_path.write_text(markdown(analysis, meta, kept))
-    if analysis:
-        plot(analysis, out / f"{NAME}.png", full)
-    print(md_path.read_text())
+    meta = {**run.meta(), "invocations": history, "full_size": full, "settings": {**vars(args), "methods": methods},
+            "exit8": exit8, "exit8_note": exit8_note}
+    report = report_of(analysis, meta, out / f"{NAME}.md")
+    paths = report.write(out, data={**meta, "runs": records, "analysis": analysis},
+                         figure=plot(analysis, full) if analysis else None, dpi=110)
+    print(paths["md"].read_text())
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

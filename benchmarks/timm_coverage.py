@@ -10,8 +10,9 @@ For the smallest model (by parameter count, under 100M) of every timm module
 5. ``early exit``: :class:`coopnets.EarlyExit` equal to ``ee.simulate(model.forward_exits(x))``
    (same exit depths, logits within 1e-4), thresholds set so samples leave at several depths.
 
-Writes ``benchmarks/results/timm_coverage.md`` and ``.json``. Each model runs in a child
-process with a timeout (skipped with a reason past it).
+Writes ``timm_coverage.md`` and ``.json`` to ``--out`` (default ``benchmarks/results/``),
+rewritten after every model. Each model runs in a child process with a timeout (skipped
+with a reason past it).
 
     python benchmarks/timm_coverage.py --size 64 --batch 4 --timeout 60
 """
@@ -20,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import platform
-import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import harness
+
+NAME = "timm_coverage"
 FEATURES = ("wrap", "depths", "nested", "export", "early_exit")
 MAX_PARAMS = 100e6
 
@@ -61,10 +63,9 @@ def candidates(names: List[str], limit: int = 6) -> List[str]:
 def pick_models(modules: List[str]) -> Dict[str, Any]:
     """The smallest model of every module (by parameter count, built on the meta device) among :func:`candidates`."""
     import timm
-    from tqdm import tqdm
 
     picked: Dict[str, Any] = {}
-    for module in tqdm(modules, desc="sizing", unit="module", file=sys.stderr):
+    for module in harness.progress_bar(modules, desc="sizing", unit="module"):
         best = None
         for name in candidates(timm.list_models(module=module)):
             n = param_count(name)
@@ -76,7 +77,6 @@ def pick_models(modules: List[str]) -> Dict[str, Any]:
 
 def spread(all_logits, criterion="confidence"):
     """Per-exit confidence thresholds at the median score, so the batch splits across depths."""
-    import torch
 
     from coopnets.inference.early_exit import confidence_score
 
@@ -89,7 +89,6 @@ def spread(all_logits, criterion="confidence"):
 
 
 def check_model(name: str, size: int, batch: int) -> Dict[str, Any]:
-    import timm
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -143,7 +142,7 @@ def check_model(name: str, size: int, batch: int) -> Dict[str, Any]:
         with torch.inference_mode():
             all_logits = m.forward_exits(x)
         ee = EarlyExit(m, "confidence", spread(all_logits), image_size=tuple(x.shape[1:]))
-        res["ee_path"] = "layout" if ee.uses_layout else "segments"
+        res["ee_path"] = ee.runner(x.shape[1:]).kind
         real, sim = ee(x), ee.simulate(all_logits, x.shape[1:])
         if not torch.equal(real.exit_depths, sim.exit_depths):
             res["early_exit"] = f"exit depths differ: {real.exit_depths.tolist()} vs {sim.exit_depths.tolist()}"
@@ -189,59 +188,32 @@ def cell(v: Optional[str]) -> str:
     return "ok" if v == "ok" else "FAIL: " + v.replace("|", "/")[:110]
 
 
-def write(results, picked, args, wall, path_md, path_json, command):
+def write(results: Dict[str, Dict[str, Any]], picked: Dict[str, Any], args: argparse.Namespace,
+          report: harness.Report) -> Dict[str, int]:
+    """Write the table and the JSON so far (``report``: the run's record, its clock still running)."""
     modules = sorted(picked)
     total = len(modules)
     counts = {f: sum(1 for m in modules if results.get(m, {}).get(f) == "ok") for f in FEATURES}
-    meta = {
-        "command": command,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), no GPU, {platform.python_version()}",
-        "wall_seconds": round(wall),
-        "modules": total,
-        "totals": counts,
-        "size": args.size,
-        "batch": args.batch,
-        "timeout": args.timeout,
-    }
-    import timm
-    import torch
-
-    meta["versions"] = {"timm": timm.__version__, "torch": torch.__version__}
-    with open(path_json, "w") as f:
-        json.dump({"meta": meta, "models": {m: {"model": (picked[m] or [None])[0], **results.get(m, {})} for m in modules}}, f, indent=1)
-    lines = [
-        "# timm coverage",
-        "",
-        f"Smallest model (parameters, < 100M, `pretrained=False`) of each of {total} timm modules; "
-        f"input {args.size} px (or the model's fixed size), batch {args.batch}, {args.timeout:.0f} s per model.",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {meta['machine']}; timm {timm.__version__}, torch {torch.__version__}  ",
-        f"Wall time: {wall / 60:.1f} min",
-        "",
-        "| feature | modules |",
-        "|---|---|",
-    ]
-    lines += [f"| {f} | {counts[f]} of {total} |" for f in FEATURES]
-    lines += [
-        "",
-        "`early_exit` = real early exit with compaction equal to `EarlyExit.simulate(model.forward_exits(x))` "
-        "(exit depths equal, logits within 1e-4); path = hand-written stage layout or generic traced segments.",
-        "",
-        "| module | model | wrap | depths | nested | export | early exit | path | FLOPs ratio per depth | s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    report.finish()
+    report.clear()
+    report.text(f"Smallest model (parameters, < 100M, `pretrained=False`) of each of {total} timm modules; "
+                f"input {args.size} px (or the model's fixed size), batch {args.batch}, {args.timeout:.0f} s per model.")
+    report.table(["feature", "modules"], [[f, f"{counts[f]} of {total}"] for f in FEATURES])
+    report.text("`early_exit` = real early exit with compaction equal to `EarlyExit.simulate(model.forward_exits(x))` "
+                "(exit depths equal, logits within 1e-4); path = hand-written stage layout or generic traced segments.")
+    rows = []
     for m in modules:
         r = results.get(m, {})
         model = (picked[m] or ["(none < 100M)"])[0]
         wrap = cell(r.get("wrap")) if "timeout" not in r else r["timeout"]
         ratio = ", ".join(f"{v:.2f}" for v in r.get("flops_ratio", []))
-        lines.append(
-            f"| {m} | {model} | {wrap} | {cell(r.get('depths'))} | {cell(r.get('nested'))} | {cell(r.get('export'))} "
-            f"| {cell(r.get('early_exit'))} | {r.get('ee_path', '-')} | {ratio} | {r.get('seconds', '-')} |"
-        )
-    with open(path_md, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        rows.append([m, model, wrap, cell(r.get("depths")), cell(r.get("nested")), cell(r.get("export")),
+                     cell(r.get("early_exit")), r.get("ee_path", "-"), ratio, r.get("seconds", "-")])
+    report.table(["module", "model", "wrap", "depths", "nested", "export", "early exit", "path",
+                  "FLOPs ratio per depth", "s"], rows)
+    meta = {"modules": total, "totals": counts, "size": args.size, "batch": args.batch, "timeout": args.timeout}
+    report.write(args.out, data={"meta": meta, "models": {m: {"model": (picked[m] or [None])[0], **results.get(m, {})}
+                                                         for m in modules}})
     return counts
 
 
@@ -251,25 +223,24 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per model before it is skipped")
     p.add_argument("--modules", nargs="*", help="only these timm modules")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "timm_coverage"))
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                   help="folder for timm_coverage.md and .json")
     args = p.parse_args(argv)
     import timm
-    from tqdm import tqdm
 
-    command = "python benchmarks/timm_coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    t0 = time.time()
+    report = harness.Report.start(NAME, "timm coverage", __file__, argv)
     modules = args.modules or timm.list_modules()
     picked = pick_models(modules)
     results: Dict[str, Dict[str, Any]] = {}
-    bar = tqdm(sorted(picked), desc="coverage", unit="model", file=sys.stderr)
+    bar = harness.progress_bar(sorted(picked), desc="coverage", unit="model")
     for module in bar:
         if picked[module] is None:
             results[module] = {"wrap": "no model under 100M parameters that builds"}
             continue
         bar.set_postfix_str(picked[module][0])
         results[module] = run_one(picked[module][0], args.size, args.batch, args.timeout)
-        write(results, picked, args, time.time() - t0, args.out + ".md", args.out + ".json", command)
-    counts = write(results, picked, args, time.time() - t0, args.out + ".md", args.out + ".json", command)
+        write(results, picked, args, report)
+    counts = write(results, picked, args, report)
     print(json.dumps(counts), f"of {len(picked)} modules")
 
 

@@ -20,6 +20,7 @@ from .models import (
 )
 from .hub import push_to_hub, save_pretrained
 from .inference import EarlyExit, EarlyExitResult, budget_curve, calibrate, profile, set_depth_for_budget, simulate
+from .serving import DepthController, DynamicBatcher, LatencyModel, ServingOption
 
 __version__ = "0.1.0"
 
@@ -43,4 +44,8 @@ __all__ = [
     "set_depth_for_budget",
     "simulate",
     "wrap",
+    "DepthController",
+    "DynamicBatcher",
+    "LatencyModel",
+    "ServingOption",
 ]

@@ -98,7 +98,10 @@ def test_cycle_finder_sees_function_level_and_type_checking_imports():
 
 
 def test_model_side_never_imports_inference_hub_train_or_cli():
-    model_side = ("coopnets.models.depth_adaptive", "coopnets.models.plans", "coopnets.models.segments",
+    model_side = ("coopnets.models.depth_adaptive", "coopnets.models.plans", "coopnets.models.plans.base",
+                  "coopnets.models.plans.exits", "coopnets.models.plans.blocks", "coopnets.models.plans.exit_points",
+                  "coopnets.models.runners", "coopnets.models.runners.base", "coopnets.models.runners.layout",
+                  "coopnets.models.runners.segments", "coopnets.models.runners.intermediates",
                   "coopnets.models.layouts", "coopnets.models.exit_head", "coopnets.models._registry")
     for name in model_side:
         assert not any(m.startswith(("coopnets.inference", "coopnets.hub", "coopnets.train", "coopnets.cli"))
@@ -107,3 +110,22 @@ def test_model_side_never_imports_inference_hub_train_or_cli():
 
 def test_registry_is_a_leaf():
     assert imports_of("coopnets.models._registry") == set()
+
+
+def test_runners_never_import_plans_or_the_model():
+    """Runners are below the plans: a plan chooses its runner, never the other way round."""
+    for name in ("coopnets.models.runners.base", "coopnets.models.runners.layout",
+                 "coopnets.models.runners.segments", "coopnets.models.runners.intermediates"):
+        assert not any(m.startswith(("coopnets.models.plans", "coopnets.models.depth_adaptive")) for m in imports_of(name)), name
+
+
+def test_no_module_outside_the_plans_tests_a_plan_type_or_option():
+    """One home for a plan's choices: nothing outside ``models/plans/`` branches on a plan class or option string."""
+    import re
+    from pathlib import Path
+
+    root = Path(coopnets.__file__).parent
+    pattern = re.compile(r"isinstance\([^)]*(ExitsPlan|BlocksPlan|DepthPlan)|exit_points\s*==|\.plan\s*==|getattr\(self\.depth_plan")
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if "plans" not in p.parts and pattern.search(p.read_text())]
+    assert offenders == []

@@ -12,7 +12,6 @@ import coopnets
 from coopnets.inference.early_exit import confidence_score
 from coopnets.inference.profiler import record_calls
 from coopnets.models.plans import structure_keys
-from coopnets.models.segments import build_segments
 from coopnets.train.build import model_factory
 from coopnets.train.recipe import create_recipe
 
@@ -47,7 +46,7 @@ def _blocks(m: coopnets.DepthAdaptiveModel) -> List[nn.Module]:
 
 def test_resnet18_gets_an_exit_head_after_every_block(model):
     assert model.num_depths == 8
-    assert model.exit_points == "blocks" and model.exit_indices == list(range(7))
+    assert model.depth_plan.config.exit_points == "blocks" and model.depth_plan.config.exit_indices == list(range(7))
     assert [head.in_chs for head in model.exits] == RESNET18_BLOCK_WIDTHS
     assert model.depth_plan.exit_modules() == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0",
                                                "layer3.1", "layer4.0"]
@@ -59,7 +58,7 @@ def test_resnet18_gets_an_exit_head_after_every_block(model):
 
 def test_stage_exit_points_stay_the_default():
     m = coopnets.wrap("resnet18", num_classes=NUM_CLASSES)
-    assert m.exit_points == "stages" and m.num_depths == 4
+    assert m.depth_plan.config.exit_points == "stages" and m.num_depths == 4
     assert "exit_points" not in m.model_args()  # checkpoints saved before the option keep their model_args
     assert coopnets.wrap("resnet18", exit_points="blocks", exit_indices=[1, 3, 5]).num_depths == 4
 
@@ -96,7 +95,7 @@ def test_forward_exits_runs_once_and_equals_every_depth(model, images):
     # one NCHW map per depth, the one its head reads (the last: the final block's output)
     assert [m[0].shape[1] for m in out.feature_maps] == RESNET18_BLOCK_WIDTHS + [512]
     assert all(m[0].ndim == 4 for m in out.feature_maps)
-    assert [e.shape[1] for e in out.embeddings] == model.depth_plan.embedding_dims(model)
+    assert [e.shape[1] for e in out.embeddings] == model.depth_plan.embedding_dims()
 
 
 def test_forward_features_and_head_compose_at_every_depth(model, images):
@@ -109,7 +108,7 @@ def test_forward_features_and_head_compose_at_every_depth(model, images):
 def test_save_and_load_round_trip_at_every_depth(model, images, tmp_path):
     coopnets.save_pretrained(model, tmp_path / "ckpt")
     loaded = coopnets.create_model(f"local-dir:{tmp_path / 'ckpt'}", pretrained=True).eval()
-    assert loaded.exit_points == "blocks"
+    assert loaded.depth_plan.config.exit_points == "blocks"
     structure = structure_keys()
     assert {k: loaded.model_args().get(k) for k in structure} == {k: model.model_args().get(k) for k in structure}
     with torch.no_grad():
@@ -134,7 +133,7 @@ def test_early_exit_equals_its_simulation(model, images):
     entropies = [-confidence_score(z, "entropy") for z in all_logits[:-1]]
     thresholds = [float(e.median()) + 1e-6 for e in entropies]
     ee = coopnets.EarlyExit(model, criterion="entropy", threshold=thresholds)
-    assert ee.uses_layout
+    assert ee.runner(images.shape[1:]) is model.depth_plan.runner and model.depth_plan.runner.kind == "layout"
     got, want = ee(images), ee.simulate(all_logits, image_size=images.shape[1:])
     assert got.exit_depths.tolist() == want.exit_depths.tolist()
     assert len(set(got.exit_depths.tolist())) > 1
@@ -165,7 +164,7 @@ def test_backbone_without_layout_is_a_clear_error():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"exit_points": "layers"}, "valid choices: stages, blocks"),
-    ({"exit_points": "blocks", "plan": "blocks"}, "belong to plan='exits'"),
+    ({"exit_points": "blocks", "plan": "blocks"}, "belongs to plan='exits'"),
     ({"exit_points": "blocks", "exit_indices": [7]}, "increasing block-end indices in 0..6"),
 ])
 def test_invalid_options_are_clear(kwargs, match):
@@ -213,6 +212,7 @@ def test_other_layout_families(name, kwargs, images):
     torch.testing.assert_close(got.logits, sim.logits)
 
 
-def test_generic_segments_refuse_block_exit_points(model):
-    with pytest.raises(ValueError, match="exits sit at block ends"):
-        build_segments(model, (3, 32, 32))
+def test_one_layout_object_per_model(model):
+    """The plan, its exit points, its runner and ``model.layout`` share the backbone's one layout."""
+    plan = model.depth_plan
+    assert plan.layout is plan.points.layout is plan.runner.layout is model.layout

@@ -91,5 +91,9 @@ def test_bad_input():
 def test_blocks_plan_rejected_and_no_layout_uses_segments():
     with pytest.raises(ValueError, match="plan='exits'"):
         EarlyExit(coopnets.wrap("test_convnext", num_classes=10, plan="blocks"))
-    assert not EarlyExit(coopnets.wrap("test_byobnet", num_classes=10), image_size=(3, 64, 64)).uses_layout
-    assert EarlyExit(coopnets.wrap("test_resnet", num_classes=10)).uses_layout
+    byob = coopnets.wrap("test_byobnet", num_classes=10)
+    assert EarlyExit(byob, image_size=(3, 64, 64)).runner((3, 64, 64)).kind == "segments"
+    assert byob.depth_plan.runner.kind == "intermediates"  # a forward at one depth stays timm's own
+    resnet = coopnets.wrap("test_resnet", num_classes=10)
+    assert EarlyExit(resnet).runner((3, 64, 64)) is resnet.depth_plan.runner  # one runner drives everything
+    assert resnet.depth_plan.runner.kind == "layout"

@@ -2,14 +2,11 @@
 import doctest
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import learning_curve as lc  # noqa: E402
+import learning_curve as lc  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 
 T_975_2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import coopnets
 from coopnets.models.depth_adaptive import DepthAdaptiveModel
-from coopnets.models.plans import default_block_depths
+from coopnets.models.plans.blocks import default_block_depths
 from coopnets.inference.profiler import record_calls
 
 # (timm name, backbone kwargs, input size): tiny configs that run in milliseconds on CPU
@@ -65,7 +65,7 @@ def test_layout_runner_reproduces_forward_intermediates(family):
     layout, hw = model.layout, tuple(x.shape[-2:])
     with torch.no_grad():
         stem = layout.stem(x)
-        for idx in model.exit_indices:
+        for idx in model.depth_plan.config.exit_indices:
             ours = layout.to_nchw(layout.run(stem, (0, 0), layout.feature_ends[idx]), hw)
             timms = plain.forward_intermediates(x, indices=[idx], stop_early=True, intermediates_only=True)[0]
             torch.testing.assert_close(ours, timms, rtol=1e-5, atol=1e-5)
@@ -90,7 +90,7 @@ def test_shallow_depths_execute_strictly_less(family):
         used_heads = {n.split(".")[1] for n in exit_calls}
         assert used_heads == ({str(depth - 1)} if depth < model.num_depths else set())
     # nothing of the stage after exit 1 runs at depth 1
-    later = "backbone." + model.feature_info[model.exit_indices[0] + 1]["module"]
+    later = "backbone." + model.feature_info[model.depth_plan.config.exit_indices[0] + 1]["module"]
     calls_1, _ = _called_backbone_modules(model, x, 1)
     assert not any(n == later or n.startswith(later + ".") for n in calls_1)
 
@@ -108,7 +108,7 @@ def test_blocks_plan_skips_blocks_and_full_depth_is_plain(family):
     model = coopnets.wrap(plain, plan="blocks").eval()
     x = torch.randn(2, 3, size, size)
     full = [len(s) for s in model.layout.stages]
-    assert model.block_depths[-1] == full and model.num_depths >= 2
+    assert model.depth_plan.config.block_depths[-1] == full and model.num_depths >= 2
     with torch.no_grad():
         ref = plain(x)
         torch.testing.assert_close(model.set_depth(-1)(x), ref, rtol=0, atol=0)
@@ -123,13 +123,13 @@ def test_default_block_depths_follow_ekd():
     assert default_block_depths([3, 4, 6, 3]) == [[1, 1, 1, 1], [2, 2, 2, 2], [3, 4, 6, 3]]
     assert default_block_depths([2, 2, 2, 2]) == [[1, 1, 1, 1], [2, 2, 2, 2]]
     model = coopnets.create_model("coop_resnet50", plan="blocks", num_classes=3)
-    assert model.block_depths == [[1, 1, 1, 1], [2, 2, 2, 2], [3, 4, 6, 3]]
+    assert model.depth_plan.config.block_depths == [[1, 1, 1, 1], [2, 2, 2, 2], [3, 4, 6, 3]]
 
 
 def test_vit_exits_are_evenly_spaced():
     model = coopnets.wrap("vit_small_patch16_224", num_classes=3, depth=12)
-    assert model.exit_indices == [2, 5, 8] and model.head_kind == "linear"
-    assert coopnets.wrap("test_vit", num_classes=3, num_exits=2).exit_indices == [2]
+    assert model.depth_plan.config.exit_indices == [2, 5, 8] and model.depth_plan.config.head == "linear"
+    assert coopnets.wrap("test_vit", num_classes=3, num_exits=2).depth_plan.config.exit_indices == [2]
 
 
 @pytest.mark.parametrize("name", coopnets.list_models())
@@ -137,7 +137,7 @@ def test_zoo_entries_build_with_stage_exits(name):
     model = coopnets.create_model(name, num_classes=3)
     assert isinstance(model, DepthAdaptiveModel)
     assert model.num_depths == 4 and len(model.exits) == 3
-    assert model.head_kind == ("linear" if ("vit" in name or "swin" in name) else "conv")
+    assert model.depth_plan.config.head == ("linear" if ("vit" in name or "swin" in name) else "conv")
     assert model.pretrained_cfg["architecture"] == name
 
 
@@ -221,7 +221,7 @@ def test_backbone_without_stages_is_rejected():
 
 
 def test_blocks_plan_on_family_without_layout_is_clear():
-    with pytest.raises(NotImplementedError, match="Supported backbone classes: ResNet"):
+    with pytest.raises(ValueError, match="Supported backbone classes: ResNet"):
         coopnets.wrap("test_byobnet", plan="blocks", num_classes=3)
 
 
@@ -229,7 +229,7 @@ def test_blocks_plan_on_family_without_layout_is_clear():
     "kwargs, match",
     [
         ({"plan": "layers"}, "valid plans: exits, blocks"),
-        ({"head": "mlp"}, "valid kinds: linear, conv"),
+        ({"head": "mlp"}, "valid kinds: auto, linear, conv"),
         ({"exit_indices": [2, 1]}, "increasing feature_info indices"),
         ({"exit_indices": [1, 4]}, "final head"),
         ({"plan": "blocks", "block_depths": [[1, 1, 1, 1]]}, "last entry must be the full backbone"),
@@ -408,7 +408,7 @@ def test_parallel_branch_feature_info_gets_a_nested_selection():
     from torch.utils.flop_counter import FlopCounterMode
 
     model = coopnets.wrap("crossvit_tiny_240", num_classes=3).eval()  # feature_info lists both branches
-    assert model.exit_indices == [0, 1]
+    assert model.depth_plan.config.exit_indices == [0, 1]
     x = torch.randn(1, 3, 240, 240)
     flops = []
     with torch.no_grad():

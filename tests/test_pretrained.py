@@ -128,7 +128,7 @@ def test_wrapped_non_zoo_backbone_with_blocks_plan_round_trips(tmp_path):
     assert model.num_depths >= 2
     folder = save_pretrained(model, tmp_path / "ckpt")
     loaded = coopnets.create_model(f"local-dir:{folder}", pretrained=True)
-    assert loaded.plan == "blocks" and loaded.block_depths == model.block_depths
+    assert loaded.plan == "blocks" and loaded.depth_plan.config.block_depths == model.depth_plan.config.block_depths
     assert same_weights(model, loaded) and same_outputs(model, loaded)
 
 

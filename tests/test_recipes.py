@@ -1,6 +1,7 @@
 """Training methods as recipes (issue 4): ekd, mlcsd, byot, multi_exit, independent."""
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Dict, List, Tuple
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 import coopnets
-from coopnets.train.recipe import RECIPES, Recipe, create_recipe
+from coopnets.train.recipe import RECIPES, Recipe, SingleNetRecipe, create_recipe
 
 NUM_CLASSES = 3
 
@@ -121,6 +122,50 @@ def test_every_trained_part_gets_gradient(case):
         assert not recipe.trains_all_parameters
         assert all(p.grad is None for p in recipe.parameters() if id(p) not in trained_ids)
         assert len(trained) < len(list(recipe.parameters()))
+
+
+# id -> (state-dict size, sha256[:16] of its keys joined by newlines, init checksum
+# (sum_i i * sum(tensor_i) over the float tensors, 1-based, in state-dict order), the
+# losses of the first two SGD steps on _batch(4)), all measured with the code before
+# SingleNetRecipe existed (commit f17d638): the base class changed no parameter, its
+# creation order or RNG draw, no state-dict key and no loss.
+REFERENCE: Dict[str, Tuple[int, str, float, Tuple[float, float]]] = {
+    "multi_exit": (140, "2bec316c28582d7d", 212722.22543120346, (5.0796709060668945, 3.1489601135253906)),
+    "ekd-blocks": (122, "c0a10cbbac4f4e73", 637384.1617912876, (2.1179897785186768, 0.7734856605529785)),
+    "ekd-exits": (140, "2bec316c28582d7d", 212722.22543120346, (5.4391679763793945, 3.389505624771118)),
+    "ekd-exits-vit": (92, "5af1f6870ba6eed5", 50674.99476042287, (5.764647960662842, 3.244339942932129)),
+    "mlcsd": (148, "57c7660c01ceeac2", 212722.22543120346, (20.42647933959961, 17.515602111816406)),
+    "mlcsd-linear-heads": (118, "ed59e0a919a719d7", 130299.66396259036, (24.15038299560547, 19.122154235839844)),
+    "byot": (140, "2bec316c28582d7d", 212722.22543120346, (4.274618148803711, 2.7925357818603516)),
+    "byot-linear-heads": (110, "425ad8f7c0bba1eb", 130299.66396259036, (4.709407806396484, 2.9666483402252197)),
+    "independent-2": (140, "2bec316c28582d7d", 212722.22543120346, (1.1783206462860107, 0.7907438278198242)),
+    "independent-full": (140, "2bec316c28582d7d", 212722.22543120346, (1.3980334997177124, 0.7876112461090088)),
+    "cooperative": (372, "f54cd10f5c0900f6", 1373988.5373274782, (10.70556354522705, 6.974515438079834)),
+}
+
+
+@pytest.mark.parametrize("case", REFERENCE)
+def test_recipe_matches_the_code_before_single_net_recipe(case):
+    torch.set_num_threads(1)
+    method, model_fn, config = dict(CASES, cooperative=("cooperative", _resnet(), {}))[case]
+    torch.manual_seed(0)
+    recipe = create_recipe(method, model_fn, config).train()
+    n_keys, keys_sha, init, losses = REFERENCE[case]
+    state = recipe.state_dict()
+    assert len(state) == n_keys and hashlib.sha256("\n".join(state).encode()).hexdigest()[:16] == keys_sha
+    got = sum(float(v.double().sum()) * i for i, v in enumerate(state.values(), 1) if v.is_floating_point())
+    assert got == pytest.approx(init, rel=1e-12)  # same init: same creation order and RNG draws
+    x, y = _batch(4)
+    opt = torch.optim.SGD(recipe.parameters(), lr=0.01, momentum=0.9)
+    for expected in losses:
+        out = recipe(x, y)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    if method != "cooperative":
+        assert isinstance(recipe, SingleNetRecipe)
+        assert recipe.eval_models() == {"net": recipe.net} and recipe.deployable({"net": [0.1]}) == "net"
 
 
 def test_adapters_exist_only_where_widths_differ():

@@ -644,8 +644,8 @@ def test_layer_decay_groups_exits_with_their_stage(backbone):
     assert backbone_scale == plain_scale, 'backbone layer-decay scales differ from timm'
 
     names = {id(p): n for n, p in wrapped.named_parameters()}
-    assert len(wrapped.exits) == len(wrapped.exit_indices) > 0
-    for k, (head, index) in enumerate(zip(wrapped.exits, wrapped.exit_indices)):
+    assert len(wrapped.exits) == len(wrapped.depth_plan.config.exit_indices) > 0
+    for k, (head, index) in enumerate(zip(wrapped.exits, wrapped.depth_plan.config.exit_indices)):
         module = wrapped.feature_info[index]['module']
         stage = [s for n, s in plain_scale.items() if n.startswith(module + '.')]
         assert stage, f'no parameters under stage {module}'

@@ -1,14 +1,11 @@
 """benchmarks/train_throughput.py: its core on a tiny model, the report's structure and how ratios are computed."""
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import train_throughput as tt  # noqa: E402
+import train_throughput as tt  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 
 
 @pytest.fixture

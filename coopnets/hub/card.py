@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..models._registry import is_model
+from ..models._utils import default_input_size
 from ..models.plans import describe_plan
 from .format import missing_data_config
 from .location import HubLocation
@@ -102,7 +103,7 @@ def model_card(config: Dict[str, Any], location: HubLocation) -> ModelCard:
         model_name=name,
         eval_results=eval_results or None,
     )
-    input_size = list(cfg.get("input_size", (3, 224, 224)))
+    input_size = list(default_input_size(cfg))
     missing = missing_data_config(config)
     return ModelCard.from_template(
         data,

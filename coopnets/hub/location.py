@@ -90,10 +90,6 @@ class HubLocation:
         return None
 
     # --- spelling -------------------------------------------------------------------
-    @property
-    def is_local(self) -> bool:
-        return self.folder is not None
-
     def __str__(self) -> str:
         if self.folder is not None:
             return f"{LOCAL_PREFIX}{self.folder}"

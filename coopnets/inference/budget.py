@@ -259,7 +259,7 @@ def depth_for_latency(
     """
     if not latency_ms > 0 or batch_size < 1:
         raise ValueError(f"latency_ms must be > 0 and batch_size >= 1, got {latency_ms!r} and {batch_size!r}.")
-    size = tuple(input_size or model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    size = tuple(input_size or model.default_input_size)
     x = torch.randn(batch_size, *size, device=next(model.parameters()).device)
     measured: List[float] = []
     with eval_mode(model), torch.inference_mode():

@@ -1,12 +1,11 @@
 """Early exit on a batch that really saves compute: per-sample exits with batch compaction.
 
 :class:`EarlyExit` runs a depth-adaptive model (``exits`` plan) exit point by exit point
-(stage by stage, or block by block with ``exit_points="blocks"``) through its
-hand-written :class:`~coopnets.models.layouts.StageLayout` when the family has one,
-else through generic segments cut from the backbone's traced graph at the exits
-(:mod:`coopnets.models.segments`; every live value, skip connections included, is
-compacted). After each stage it evaluates that
-stage's exit head; the samples whose exit meets the criterion leave with those logits,
+(stage by stage, or block by block with ``exit_points="blocks"``) through the plan's
+resumable :class:`~coopnets.models.runners.Runner`: the hand-written stage layout when
+the family has one, else generic segments cut from the backbone's traced graph at the
+exits (every live value, skip connections included, is compacted). After each stage
+it evaluates that stage's exit head; the samples whose exit meets the criterion leave with those logits,
 and only the remaining samples (``index_select`` on the batch dimension) run the next
 stages. The last depth (the backbone's own head) takes whatever is left.
 
@@ -49,16 +48,14 @@ Example:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..models.layouts import LAYOUT_FAMILIES, Position, StageLayout, get_layout
-from ..models.plans import ExitsPlan
-from ..models.segments import build_segments
+from ..models.runners import Runner
 
 CRITERIA = ("confidence", "entropy", "patience")
 Threshold = Union[float, int, Sequence[Union[float, int]]]
@@ -212,58 +209,43 @@ def simulate(
     return EarlyExitResult(logits=logits, exit_depths=depths, flops=flops, depth_flops=costs)
 
 
-class _LayoutRunner:
-    """The hand-written :class:`~coopnets.models.layouts.StageLayout` path (fast, any image size),
-    with the interface of :class:`~coopnets.models.segments.SegmentRunner`."""
+class _PhaseClock:
+    """Seconds per phase of an early-exit pass, added to ``timings`` (nothing is timed without it)."""
 
-    size_specific = False
+    def __init__(self, timings: Optional[Dict[str, float]]) -> None:
+        self.timings = timings
+        self.last = time.perf_counter() if timings is not None else 0.0
 
-    def __init__(self, model: DepthAdaptiveModel, layout: StageLayout) -> None:
-        self.model, self.layout = model, layout
-        positions = model.depth_plan.exit_positions(layout)  # feature ends, or block ends with exit_points="blocks"
-        if None in positions:
-            raise ValueError(
-                f"Exit at feature_info index {model.exit_indices[positions.index(None)]} reads the stem output; "
-                f"early exit supports exits placed after a stage block (exit_indices >= 1)."
-            )
-        self.stops: List[Position] = positions
-
-    def start(self, x: torch.Tensor) -> dict:
-        return {"h": self.layout.stem(x), "start": (0, 0), "hw": tuple(x.shape[-2:])}
-
-    def advance(self, env: dict, k: int) -> Tuple[dict, torch.Tensor]:
-        stop = self.stops[k]
-        h = self.layout.run(env["h"], env["start"], stop)
-        return {"h": h, "start": stop, "hw": env["hw"]}, self.layout.to_nchw(h, env["hw"])
-
-    def finish(self, env: dict) -> torch.Tensor:
-        layout = self.layout
-        return self.model.backbone.forward_head(layout.finish(layout.run(env["h"], env["start"], layout.end)))
-
-    def compact(self, env: dict, keep: torch.Tensor) -> dict:
-        return dict(env, h=env["h"].index_select(0, keep))
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to ``phase``."""
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+            self.last = now
 
 
 class EarlyExit:
     """Batched early exit with compaction for a depth-adaptive model (``exits`` plan).
 
-    Backbones with a hand-written stage layout (ResNet, ConvNeXt, EfficientNet,
-    MobileNetV3, RegNet, ViT, Swin) run through it; every other backbone runs through
-    generic segments cut from its traced graph at the exits
-    (:func:`~coopnets.models.segments.build_segments`), built at construction for
-    ``image_size`` and, when the trace fixed the spatial size, again for each new size.
+    It drives the plan's resumable runner (:meth:`coopnets.models.plans.DepthPlan.early_exit_runner`):
+    the model's own stage-layout runner for the families that have one (ResNet, ConvNeXt,
+    EfficientNet, MobileNetV3, RegNet, ViT, Swin), else the backbone's traced segments
+    (:mod:`coopnets.models.runners.segments`), which the plan builds once per input size
+    (once for all sizes when the trace is shape-agnostic) and keeps. The per-step FLOPs
+    are cached on that runner too, so a second ``EarlyExit`` of the same model traces and
+    counts nothing again.
 
     Args:
         model: a :class:`~coopnets.DepthAdaptiveModel` with ``plan="exits"``.
         criterion: ``"confidence"``, ``"entropy"`` or ``"patience"``.
         threshold: one threshold for every exit head, or one per exit head
             (``model.num_depths - 1`` values).
-        image_size: (C, H, W) the segments are built and checked at (default: the
-            model's ``input_size``); unused with a stage layout.
+        image_size: (C, H, W) the runner is built and checked for at construction
+            (default: the model's :attr:`~coopnets.DepthAdaptiveModel.default_input_size`).
 
     Raises:
-        ValueError: the model is not an ``exits``-plan model, or it has no stage layout
-            and its backbone cannot be cut into segments (the sentence says why).
+        ValueError: the model's plan cannot leave early, or it has no stage layout and its
+            backbone cannot be cut into segments (the sentence says why).
 
     Example:
         >>> import torch, coopnets
@@ -280,26 +262,9 @@ class EarlyExit:
         threshold: Threshold = 0.9,
         image_size: Optional[Sequence[int]] = None,
     ) -> None:
-        if not isinstance(model.depth_plan, ExitsPlan):
-            raise ValueError(
-                f"Early exit needs plan='exits' (an exit head after each stage); this model uses "
-                f"plan={model.plan!r}, whose depths all run every stage, so leaving early saves nothing."
-            )
         self.model = model
         self.policy = ExitPolicy(criterion, threshold, model.num_depths - 1)
-        self._costs: Dict[Tuple[int, ...], List[int]] = {}
-        self._runners: Dict[Tuple[int, ...], object] = {}
-        try:
-            layout = get_layout(model.backbone)
-        except NotImplementedError:
-            layout = None
-        self.layout = layout
-        if layout is not None:
-            self._layout_runner: Optional[_LayoutRunner] = _LayoutRunner(model, layout)
-        else:
-            self._layout_runner = None
-            size = tuple(image_size or model.pretrained_cfg.get("input_size", (model.in_chans, 224, 224)))
-            self.runner(size)
+        self.runner(image_size or model.default_input_size)
 
     @property
     def criterion(self) -> str:
@@ -309,98 +274,71 @@ class EarlyExit:
     def thresholds(self) -> List[float]:
         return list(self.policy.thresholds)
 
-    @property
-    def uses_layout(self) -> bool:
-        """True when the hand-written stage layout runs the model (else generic traced segments)."""
-        return self._layout_runner is not None
-
-    def runner(self, image_size: Sequence[int]):
-        """What runs the backbone exit by exit for images of ``image_size`` (C, H, W)."""
-        if self._layout_runner is not None:
-            return self._layout_runner
-        key = tuple(int(s) for s in image_size)
-        if key not in self._runners:
-            reusable = [r for r in self._runners.values() if not r.size_specific]
-            if reusable:
-                self._runners[key] = reusable[0]
-            else:
-                try:
-                    self._runners[key] = build_segments(self.model, key)
-                except ValueError as err:
-                    raise ValueError(
-                        f"Early exit with compaction cannot run {self.model.backbone_name}: it has no hand-written "
-                        f"stage layout ({', '.join(LAYOUT_FAMILIES)}) and {err} Evaluate the policy without the "
-                        f"savings with EarlyExit.simulate(model.forward_exits(x)) or coopnets.inference.simulate."
-                    ) from None
-        return self._runners[key]
+    def runner(self, image_size: Sequence[int]) -> Runner:
+        """The runner that takes the backbone exit by exit for images of ``image_size`` (C, H, W)."""
+        return self.model.depth_plan.early_exit_runner(image_size)
 
     # --- cost accounting ----------------------------------------------------------
     def step_flops(self, image_size: Sequence[int]) -> List[int]:
-        """FLOPs of one sample per step: ``[stem, segment 1, head 1, ..., segment K-1, head K-1, final]``.
-
-        The final step runs the last stages, the final norm and the backbone's own
-        head. With generic segments the stem is part of segment 1 (``stem`` is 0).
-        Measured once per ``(C, H, W)`` and cached.
-        """
-        key = tuple(int(s) for s in image_size)
-        if key not in self._costs:
-            runner, model = self.runner(key), self.model
-            steps: List[int] = []
-
-            def count(fn, *args):
-                with FlopCounterMode(display=False) as counter:
-                    result = fn(*args)
-                steps.append(int(counter.get_total_flops()))
-                return result
-
-            with torch.inference_mode():
-                env = count(runner.start, torch.zeros(1, *key, device=next(model.parameters()).device))
-                for k in range(model.num_depths - 1):
-                    env, feature = count(runner.advance, env, k)
-                    count(model.exits[k], feature)
-                count(runner.finish, env)
-            self._costs[key] = steps
-        return list(self._costs[key])
+        """FLOPs of one sample per step: ``[start, segment 1, head 1, ..., segment K-1, head K-1, final]``
+        (:meth:`coopnets.models.runners.Runner.step_flops`, cached on the runner). With traced segments
+        the stem is part of segment 1 (``start`` is 0)."""
+        return self.runner(image_size).step_flops(image_size, self.model.exits)
 
     def depth_flops(self, image_size: Sequence[int]) -> List[int]:
         """FLOPs of one sample that leaves at depth ``1..num_depths`` (heads evaluated on the way included)."""
-        steps = self.step_flops(image_size)
-        return [sum(steps[: 1 + 2 * d]) for d in range(1, self.model.num_depths)] + [sum(steps)]
+        return self.runner(image_size).depth_flops(image_size, self.model.exits)
 
     # --- the real pass ------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> EarlyExitResult:
-        """Run the batch ``x`` with per-sample early exit and compaction."""
+    def __call__(self, x: torch.Tensor, timings: Optional[Dict[str, float]] = None) -> EarlyExitResult:
+        """Run the batch ``x`` with per-sample early exit and compaction.
+
+        ``timings``, when given, is filled with the seconds spent per phase (``backbone``:
+        the runner's start/advance/finish, ``heads``, ``decide``, ``compact``), for
+        benchmarks that ask where the time goes.
+        """
         model = self.model
         model.check_input(x)
-        n = x.shape[0]
+        n, num_exits = x.shape[0], model.num_depths - 1
         runner = self.runner(x.shape[1:])
-        costs = self.depth_flops(x.shape[1:])
+        costs = runner.depth_flops(x.shape[1:], model.exits)
+        clock = _PhaseClock(timings)
         out: Optional[torch.Tensor] = None
         depths = torch.full((n,), model.num_depths, dtype=torch.long, device=x.device)
         alive = torch.arange(n, device=x.device)  # original index of every row still running
         state = self.policy.start(n, x.device)
         env = runner.start(x)
-        for k in range(model.num_depths - 1):
+        for k in range(num_exits):
             env, feature = runner.advance(env, k)
+            clock.lap("backbone")
             logits = model.exits[k](feature)
+            clock.lap("heads")
             if out is None:
                 out = logits.new_empty(n, logits.shape[1])
             leave, state = self.policy.decide(logits, k, state)
-            if leave.any():
-                out[alive[leave]] = logits[leave]
-                depths[alive[leave]] = k + 1
+            gone = leave.nonzero().squeeze(1)
+            if gone.numel():
+                out[alive[gone]] = logits[gone]
+                depths[alive[gone]] = k + 1
+                if gone.numel() == alive.numel():
+                    alive = alive[:0]
+                    clock.lap("decide")
+                    break
                 keep = (~leave).nonzero().squeeze(1)
                 alive = alive[keep]
+                clock.lap("decide")
                 state = (state[0].index_select(0, keep), state[1].index_select(0, keep))
-                if alive.numel() == 0:
-                    break
                 env = runner.compact(env, keep)
+                clock.lap("compact")
+            else:
+                clock.lap("decide")
         if alive.numel():
-            logits = runner.finish(env)
+            logits = model.backbone.forward_head(runner.finish(env))
             if out is None:
                 out = logits.new_empty(n, logits.shape[1])
             out[alive] = logits
+            clock.lap("backbone")
         flops = torch.tensor(costs, dtype=torch.long, device=x.device)[depths - 1]
         return EarlyExitResult(logits=out, exit_depths=depths, flops=flops, depth_flops=costs)
 

@@ -47,7 +47,7 @@ def export_depth(model: "DepthAdaptiveModel", depth: int) -> nn.Module:
 
 
 def example_input(model: "DepthAdaptiveModel", img_size: Optional[int] = None, batch_size: int = 1) -> torch.Tensor:
-    """A random input of the checkpoint's own ``pretrained_cfg["input_size"]`` (or ``img_size`` x ``img_size``).
+    """A random input of the model's :attr:`~coopnets.DepthAdaptiveModel.default_input_size` (or ``img_size`` x ``img_size``).
 
     Example:
         >>> import coopnets
@@ -56,10 +56,10 @@ def example_input(model: "DepthAdaptiveModel", img_size: Optional[int] = None, b
         >>> tuple(example_input(m).shape), tuple(example_input(m, img_size=32, batch_size=2).shape)
         ((1, 3, 24, 24), (2, 3, 32, 32))
     """
-    c, h, w = model.pretrained_cfg.get("input_size", (model.in_chans, 224, 224))
+    c, h, w = model.default_input_size
     if img_size:
         h = w = img_size
-    return torch.randn(batch_size, model.in_chans or c, h, w)
+    return torch.randn(batch_size, c, h, w)
 
 
 def save(module: nn.Module, path: Union[str, Path], fmt: str, example: torch.Tensor,

@@ -92,7 +92,7 @@ def measure_latency(fn, repeats: int = 20, warmup: int = 3) -> float:
 
 def profile(
     model: DepthAdaptiveModel,
-    input_size: Sequence[int] = (3, 224, 224),
+    input_size: Optional[Sequence[int]] = None,
     batch_size: int = 1,
     repeats: int = 20,
     warmup: int = 3,
@@ -102,11 +102,12 @@ def profile(
     """Measure every depth of ``model``: params used, FLOPs and median latency.
 
     Returns one dict per depth (``depth, params, flops, latency_ms, flops_ratio,
-    latency_ratio``); ratios are relative to full depth. Prints a table unless
-    ``print_table=False`` (see :func:`format_table`).
+    latency_ratio``); ratios are relative to full depth. ``input_size`` (C, H, W) defaults
+    to the model's :attr:`~coopnets.DepthAdaptiveModel.default_input_size`. Prints a table
+    unless ``print_table=False`` (see :func:`format_table`).
     """
     device = device or next(model.parameters()).device
-    x = torch.randn(batch_size, *input_size, device=device)
+    x = torch.randn(batch_size, *(input_size or model.default_input_size), device=device)
     rows = []
     with eval_mode(model), torch.inference_mode():
         for depth in range(1, model.num_depths + 1):

@@ -4,8 +4,8 @@ A depth plan (:mod:`coopnets.models.plans`) turns one backbone into ``num_depths
 nested sub-networks that share weights: ``plan="exits"`` (default: an exit head after
 each stage, or with ``exit_points="blocks"`` after every block; the last depth is exactly
 the plain timm model) or ``plan="blocks"`` (EKD-style: every depth runs all stages with
-fewer blocks each). The model holds the backbone, the exit heads and the current depth;
-everything plan-specific is the plan's.
+fewer blocks each). The model holds the backbone, the plan's exit heads (as ``exits``)
+and the current depth; everything plan-specific, options included, is the plan's.
 
 The depth is runtime state, not weights: a state dict saved at any depth loads at any
 other.
@@ -26,19 +26,31 @@ Example:
 import contextlib
 import difflib
 import numbers
-import re
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+import threading
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 from torch import nn
 
-from .layouts import StageLayout, get_layout
-from .plans import DEFAULT_BLOCK_DEPTHS, BlocksPlan, DepthPlan, ExitOutputs, ExitsPlan, StagePoints, create_plan
+from ._timm_api import TimmModelApi
+from ._utils import default_input_size
+from .layouts import StageLayout, find_layout, get_layout
+from .plans import DepthPlan, ExitOutputs, create_plan, split_plan_options
 
 
 #: backbone kwargs consumed at build time, not part of the structure recorded in ``model_args``
 _BUILD_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict")
+
+
+class _ThreadDepths(threading.local):
+    """Per thread: the depth each model runs at inside its :meth:`DepthAdaptiveModel.at_depth` blocks."""
+
+    def __init__(self) -> None:
+        self.by_model: Dict[int, int] = {}
+
+
+_THREAD_DEPTHS = _ThreadDepths()
 
 
 def _is_tracing(x: Any) -> bool:
@@ -49,7 +61,7 @@ def _is_tracing(x: Any) -> bool:
 
 def _as_depth(depth: Any) -> Optional[int]:
     """``depth`` as a Python int if it is integer-like (int, numpy integer, 0-d integer tensor), else ``None``."""
-    if isinstance(depth, (bool, np_bool_types())):
+    if isinstance(depth, bool) or type(depth).__name__ == "bool_":  # numpy's bool is no depth either
         return None
     if isinstance(depth, torch.Tensor):
         if depth.ndim != 0 or depth.dtype.is_floating_point or depth.dtype.is_complex or depth.dtype == torch.bool:
@@ -58,15 +70,6 @@ def _as_depth(depth: Any) -> Optional[int]:
     if isinstance(depth, numbers.Integral):
         return int(depth)
     return None
-
-
-def np_bool_types() -> Tuple[type, ...]:
-    """numpy's bool type when numpy is installed (a numpy bool is not a depth)."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        return ()
-    return (np.bool_,)
 
 
 def prefixed_cfg(backbone_cfg: Dict[str, Any], classifiers: Sequence[str]) -> Dict[str, Any]:
@@ -88,38 +91,6 @@ def prefixed_cfg(backbone_cfg: Dict[str, Any], classifiers: Sequence[str]) -> Di
     return cfg
 
 
-def _prefix_pattern(pattern: str) -> str:
-    r"""A timm ``group_matcher`` regex for backbone parameter names, re-anchored under ``backbone.``.
-
-    Example:
-        >>> _prefix_pattern(r"^conv1|bn1|^maxpool")
-        '^backbone\\.(?:conv1|bn1|maxpool)'
-    """
-    body = re.sub(r"(^|\||\()\^", r"\1", pattern)
-    return r"^backbone\.(?:" + body + ")"
-
-
-def _compile_matcher(matcher: Dict[str, Any]) -> List[Tuple["re.Pattern[str]", Tuple[float, ...], Optional[Tuple[float, ...]]]]:
-    """timm's dict ``group_matcher`` compiled as ``timm.models._manipulate.group_with_matcher`` does."""
-    compiled = []
-    for ordinal, spec in enumerate(matcher.values()):
-        if spec is None:
-            continue
-        for pattern, suffix in (spec if isinstance(spec, (list, tuple)) else [(spec, None)]):
-            compiled.append((re.compile(pattern), (float(ordinal),), suffix))
-    return compiled
-
-
-def _group_key(compiled: List[Any], name: str) -> Tuple[float, ...]:
-    """The sort key timm gives parameter ``name`` (unmatched: the largest, i.e. the head group)."""
-    for regex, prefix, suffix in compiled:
-        match = regex.match(name)
-        if match:
-            parts = [prefix, match.groups(), suffix]
-            return tuple(float(v) for part in parts if part for v in part)
-    return (float("inf"),)
-
-
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with an error that suggests close names for a typo."""
     if not timm.is_model(name):
@@ -129,35 +100,24 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-class DepthAdaptiveModel(nn.Module):
+class DepthAdaptiveModel(TimmModelApi):
     """A timm backbone that runs at one of ``num_depths`` depths chosen at run time.
 
     Args:
         backbone: a timm model instance or a timm model name.
         num_classes: classes of every exit (default: the backbone's).
         plan: ``"exits"`` or ``"blocks"`` (see :mod:`coopnets.models.plans`).
-        exit_indices: exit points that get an exit head before the final one (``exits``
-            plan), as indices into ``feature_info`` (``exit_points="stages"``) or into the
-            backbone's block ends (``exit_points="blocks"``). Default: every point past the
-            stem, or ``num_exits`` evenly spaced points for ViT-like backbones.
-        num_exits: number of exit heads, evenly spaced (default 4 for ViT-like backbones).
-        head: exit head kind, ``"linear"``, ``"conv"`` or ``"auto"`` (conv for CNNs,
-            linear for transformers).
-        head_width: embedding width of ``conv`` heads (default: the backbone's final width).
-        exit_points: where exit heads can sit (``exits`` plan): ``"stages"`` (default, the
-            ``feature_info`` stages) or ``"blocks"`` (the end of every block, e.g. 8 points
-            on ResNet-18 as in MLCSD-Net; needs a block-level
-            :class:`~coopnets.models.layouts.StageLayout`). Depth ``k`` runs the backbone up
-            to exit point ``k`` and exit head ``k``.
-        block_depths: ``blocks`` plan: block counts per stage for every depth,
-            shallowest first, the last equal to the full backbone.
-        num_block_depths: number of depths of the default ``blocks`` schedule.
         pretrained_backbone: initialise the backbone from timm's own pretrained
             weights (downloads; only when ``backbone`` is a name). ``pretrained=True`` is
             the same (timm's spelling); a local file works through
             ``pretrained_cfg_overlay=dict(file=...)``.
-        backbone_kwargs: passed to ``timm.create_model`` when ``backbone`` is a name
-            (``in_chans``, ``img_size``, ``drop_rate``, ``global_pool``...).
+        **kwargs: the plan's options (the fields of its config dataclass:
+            :class:`~coopnets.models.plans.ExitsConfig` -- ``exit_indices``, ``num_exits``,
+            ``head``, ``head_width``, ``exit_points``; :class:`~coopnets.models.plans.BlocksConfig`
+            -- ``block_depths``, ``num_block_depths``), then the backbone's, passed to
+            ``timm.create_model`` when ``backbone`` is a name (``in_chans``, ``img_size``,
+            ``drop_rate``, ``global_pool``...). The model keeps none of the plan's options:
+            they are :attr:`depth_plan`'s ``config``.
 
     timm's model contract holds **at the current depth** (:attr:`depth`, full by default):
 
@@ -197,6 +157,11 @@ class DepthAdaptiveModel(nn.Module):
       ConvNeXt all fail ``torch.jit.script``); use FX or ``torch.export`` on
       ``model.export(k)`` for those.
 
+    **Threads.** The depth set by :meth:`set_depth` is the model's, shared by every thread.
+    :meth:`at_depth` is per thread: inside the block only the calling thread's forwards
+    run at that depth, so concurrent ``with m.at_depth(d)`` blocks never see each other's
+    depth. Servers should pass the depth per call (:meth:`forward_depth`).
+
     Example:
         >>> import torch
         >>> m = DepthAdaptiveModel("resnet18", num_classes=10).eval()
@@ -212,17 +177,11 @@ class DepthAdaptiveModel(nn.Module):
         backbone: Union[str, nn.Module],
         num_classes: Optional[int] = None,
         plan: str = "exits",
-        exit_indices: Optional[Sequence[int]] = None,
-        num_exits: Optional[int] = None,
-        head: str = "auto",
-        head_width: Optional[int] = None,
-        exit_points: str = StagePoints.name,
-        block_depths: Optional[Sequence[Sequence[int]]] = None,
-        num_block_depths: int = DEFAULT_BLOCK_DEPTHS,
         pretrained_backbone: bool = False,
-        **backbone_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
+        plan_options, backbone_kwargs = split_plan_options(plan, kwargs)
         pretrained_backbone = bool(backbone_kwargs.pop("pretrained", False)) or pretrained_backbone
         self.backbone_kwargs = {
             k: v for k, v in backbone_kwargs.items() if k != "num_classes" and k not in _BUILD_ONLY_KWARGS
@@ -247,12 +206,8 @@ class DepthAdaptiveModel(nn.Module):
         self.in_chans: int = self._in_chans(backbone, backbone_kwargs.get("in_chans"))
         self.backbone_name = backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
         self.feature_info = [dict(f) for f in backbone.feature_info]
-        self.depth_plan: DepthPlan = create_plan(
-            plan, backbone, exit_indices=exit_indices, num_exits=num_exits, head=head, head_width=head_width,
-            exit_points=exit_points, block_depths=block_depths, num_block_depths=num_block_depths,
-            in_chans=self.in_chans,
-        )
-        self.exits = self.depth_plan.build_exits(self)
+        self.depth_plan: DepthPlan = create_plan(plan, backbone, plan_options, find_layout(backbone), self.in_chans)
+        self.exits = self.depth_plan.exits
         if "global_pool" in backbone_kwargs:
             for exit_head in self.exits:
                 exit_head.reset_classifier(self.num_classes, backbone_kwargs["global_pool"])
@@ -264,9 +219,7 @@ class DepthAdaptiveModel(nn.Module):
         self.default_cfg = self.pretrained_cfg
 
     # --- configuration ----------------------------------------------------------
-    __jit_unused_properties__ = [
-        "plan", "exit_indices", "exit_points", "head_kind", "head_width", "block_depths", "layout", "depth",
-    ]
+    __jit_unused_properties__ = ["plan", "layout", "depth", "default_input_size"]
 
     @staticmethod
     def _in_chans(backbone: nn.Module, requested: Optional[int] = None) -> int:
@@ -294,61 +247,41 @@ class DepthAdaptiveModel(nn.Module):
 
     @property
     def plan(self) -> str:
-        """Name of the depth plan (``"exits"`` or ``"blocks"``); the plan itself is :attr:`depth_plan`."""
+        """Name of the depth plan (``"exits"`` or ``"blocks"``); the plan itself, options included, is :attr:`depth_plan`."""
         return self.depth_plan.name
 
     @property
-    def exit_indices(self) -> List[int]:
-        """Exit points with an exit head (``exits`` plan; empty otherwise): ``feature_info`` indices, or
-        block-end indices with ``exit_points="blocks"``."""
-        return list(getattr(self.depth_plan, "exit_indices", []))
-
-    @property
-    def exit_points(self) -> Optional[str]:
-        """What :attr:`exit_indices` index, ``"stages"`` or ``"blocks"`` (``exits`` plan; ``None`` otherwise)."""
-        return getattr(self.depth_plan, "exit_points", None)
-
-    @property
-    def head_kind(self) -> Optional[str]:
-        """Kind of the exit heads (``exits`` plan; ``None`` otherwise)."""
-        return getattr(self.depth_plan, "head_kind", None)
-
-    @property
-    def head_width(self) -> Optional[int]:
-        return getattr(self.depth_plan, "head_width", None)
-
-    @property
-    def block_depths(self) -> List[List[int]]:
-        """Block counts per stage of every depth (``blocks`` plan; empty otherwise)."""
-        return [list(d) for d in getattr(self.depth_plan, "block_depths", [])]
-
-    @property
     def layout(self) -> StageLayout:
-        """Block-level layout of the backbone (raises a clear error for families without one)."""
-        if isinstance(self.depth_plan, BlocksPlan):
-            return self.depth_plan.layout
-        if getattr(self, "_layout", None) is None:
-            self._layout = get_layout(self.backbone, purpose="model.layout")
-        return self._layout
+        """The backbone's one block-level layout (a clear error for families without one)."""
+        return self.depth_plan.layout or get_layout(self.backbone, purpose="model.layout")
+
+    @property
+    def default_input_size(self) -> Tuple[int, int, int]:
+        """(C, H, W) this model is profiled, traced and exported at when nothing else is said
+        (:func:`coopnets.models._utils.default_input_size` of its ``pretrained_cfg``)."""
+        return default_input_size(self.pretrained_cfg, self.in_chans)
 
     def model_args(self) -> Dict[str, Any]:
-        """Constructor arguments that rebuild this model's exact structure (timm's ``model_args``).
+        """Constructor arguments that rebuild this model's exact structure (timm's ``model_args``): the
+        classes, the plan, its resolved config's dict and the backbone kwargs.
 
         Example:
             >>> import coopnets
             >>> coopnets.wrap("resnet18", num_classes=10).model_args()
             {'num_classes': 10, 'plan': 'exits', 'exit_indices': [1, 2, 3], 'head': 'conv'}
         """
-        return {"num_classes": self.num_classes, "plan": self.plan, **self.depth_plan.config(), **self.backbone_kwargs}
+        return {"num_classes": self.num_classes, "plan": self.plan, **self.depth_plan.config.model_args(),
+                **self.backbone_kwargs}
 
     # --- depth --------------------------------------------------------------------
     @property
     def depth(self) -> int:
-        """The depth the next forward pass runs at (1..num_depths)."""
-        return self._depth
+        """The depth the next forward pass of this thread runs at (1..num_depths)."""
+        return _THREAD_DEPTHS.by_model.get(id(self), self._depth)
 
     def set_depth(self, depth: int) -> "DepthAdaptiveModel":
-        """Run the next forward passes at ``depth`` (1..num_depths, or -1 for full). Returns ``self``."""
+        """Run the next forward passes (every thread's, outside :meth:`at_depth`) at ``depth``
+        (1..num_depths, or -1 for full). Returns ``self``."""
         self._depth = self.resolve_depth(depth)
         return self
 
@@ -374,13 +307,19 @@ class DepthAdaptiveModel(nn.Module):
 
     @contextlib.contextmanager
     def at_depth(self, depth: int) -> Iterator["DepthAdaptiveModel"]:
-        """Context manager: run at ``depth`` inside the block, restore the previous depth after."""
-        previous = self._depth
-        self.set_depth(depth)
+        """Context manager: this thread's forwards run at ``depth`` inside the block (other threads keep
+        theirs); the previous depth is back after it. Blocks nest."""
+        overrides = _THREAD_DEPTHS.by_model
+        key, resolved = id(self), self.resolve_depth(depth)
+        previous = overrides.get(key)
+        overrides[key] = resolved
         try:
             yield self
         finally:
-            self._depth = previous
+            if previous is None:
+                del overrides[key]
+            else:
+                overrides[key] = previous
 
     # --- forward ------------------------------------------------------------------
     @torch.jit.unused
@@ -408,26 +347,31 @@ class DepthAdaptiveModel(nn.Module):
             return self.backbone(x)
         if not _is_tracing(x):
             self.check_input(x)
-        if self._depth == self.num_depths:
+        return self._forward_at(x, self._current_depth())
+
+    @torch.jit.unused
+    def _current_depth(self) -> int:
+        overrides = _THREAD_DEPTHS.by_model
+        return overrides.get(id(self), self._depth) if overrides else self._depth
+
+    @torch.jit.unused
+    def _forward_at(self, x: torch.Tensor, depth: int) -> torch.Tensor:
+        if depth == self.num_depths:
             if self.training and self.exits_in_train_graph and len(self.exits) > 0:
                 return self._forward_train_full(x)
             return self.backbone(x)
-        return self._forward_python(x, self._depth)
-
-    @torch.jit.unused
-    def _forward_python(self, x: torch.Tensor, depth: int) -> torch.Tensor:
-        return self.depth_plan.forward_depth(self, x, depth)
+        return self.depth_plan.forward_depth(x, depth)
 
     @torch.jit.unused
     def _forward_train_full(self, x: torch.Tensor) -> torch.Tensor:
         """Final logits from one shared pass, plus an exactly-zero term through every exit's logits."""
-        logits = self.depth_plan.forward_exits(self, x, False).logits
+        logits = self.depth_plan.forward_exits(x, False).logits
         zero = torch.stack([exit_logits.sum() for exit_logits in logits[:-1]]).sum().mul(0.0)
         return logits[-1] + torch.nan_to_num(zero, nan=0.0, posinf=0.0, neginf=0.0)
 
     def forward_depth(self, x: torch.Tensor, depth: int) -> torch.Tensor:
-        """Logits of the sub-network at ``depth`` without changing the model's depth."""
-        return self.depth_plan.forward_depth(self, x, self.resolve_depth(depth))
+        """Logits of the sub-network at ``depth``, without reading or changing the model's depth (thread-safe)."""
+        return self.depth_plan.forward_depth(x, self.resolve_depth(depth))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled features the current depth's classifier reads (full depth: ``backbone.forward_features``).
@@ -441,51 +385,17 @@ class DepthAdaptiveModel(nn.Module):
             ...     m.forward_head(m.forward_features(torch.randn(1, 3, 64, 64))).shape
             torch.Size([1, 10])
         """
-        if self._depth == self.num_depths:
+        depth = self._current_depth()
+        if depth == self.num_depths:
             return self.backbone.forward_features(x)
-        return self.depth_plan.forward_features(self, x, self._depth)
+        return self.depth_plan.forward_features(x, depth)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Logits (``pre_logits=True``: the pooled embedding) from :meth:`forward_features`' output at the current depth."""
-        if self._depth == self.num_depths:
+        depth = self._current_depth()
+        if depth == self.num_depths:
             return self.backbone.forward_head(x, pre_logits=pre_logits)
-        return self.depth_plan.forward_head(self, x, self._depth, pre_logits)
-
-    @torch.jit.ignore
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """The backbone's ``forward_intermediates`` (timm's signature; independent of the depth).
-
-        Example:
-            >>> import torch, coopnets
-            >>> m = coopnets.wrap("resnet18")
-            >>> [t.shape[1] for t in m.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)]
-            [64, 64, 128, 256, 512]
-        """
-        return self.backbone.forward_intermediates(
-            x, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
-            intermediates_only=intermediates_only,
-        )
-
-    @torch.jit.ignore
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        """Prune the backbone past the kept ``indices`` (timm's ``prune_intermediate_layers``) and drop every
-        exit head: what is left is a feature extractor (one depth, :meth:`forward_intermediates`).
-        Returns the kept indices."""
-        kept = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
-        self.exits = nn.ModuleList()
-        self.depth_plan = ExitsPlan(StagePoints(self.feature_info), exit_indices=[], head=self.head_kind or "linear")
-        self.num_depths = self._depth = 1
-        return kept
+        return self.depth_plan.forward_head(x, depth, pre_logits)
 
     def forward_exits(self, x: torch.Tensor, with_features: bool = False) -> Union[List[torch.Tensor], ExitOutputs]:
         """Logits of every depth, shallowest first, from one shared backbone pass.
@@ -494,96 +404,24 @@ class DepthAdaptiveModel(nn.Module):
         and stage feature maps as well (for distillation recipes).
         """
         self.check_input(x)
-        out = self.depth_plan.forward_exits(self, x, with_features)
+        out = self.depth_plan.forward_exits(x, with_features)
         return out if with_features else out.logits
 
     # --- introspection ------------------------------------------------------------
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         """The classifier of the current depth (full depth: the backbone's)."""
-        if self._depth == self.num_depths or not len(self.exits):
+        depth = self._current_depth()
+        if depth == self.num_depths or not len(self.exits):
             return self.backbone.get_classifier()
-        return self.depth_plan.classifier(self, self._depth)
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace every exit's classifier (and the backbone's) for ``num_classes`` classes.
-
-        ``num_classes=0`` leaves identity classifiers (outputs are pooled embeddings);
-        ``global_pool=''`` also drops pooling (unpooled maps), as in timm. ``None`` keeps the pooling.
-
-        Example:
-            >>> import torch, coopnets
-            >>> m = coopnets.wrap("resnet18").eval()
-            >>> m.reset_classifier(0, "")
-            >>> [m.forward_depth(torch.randn(1, 3, 64, 64), d).shape[1:] for d in (1, 4)]
-            [torch.Size([512, 2, 2]), torch.Size([512, 2, 2])]
-        """
-        if global_pool is None:
-            self.backbone.reset_classifier(num_classes)
-        else:
-            self.backbone.reset_classifier(num_classes, global_pool)
-        for head in self.exits:
-            head.reset_classifier(num_classes, global_pool)
-        self.num_classes = num_classes
-
-    # --- timm training hooks --------------------------------------------------------
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """The backbone's ``no_weight_decay()`` names under ``backbone.`` (timm's optimizer factory reads it)."""
-        names = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else set()
-        return {"backbone." + n for n in names}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """The backbone's layer grouping re-prefixed with ``backbone.``; exit head ``k`` joins the group of the
-        last layer of the stage (or block, with ``exit_points="blocks"``) it follows, so layer-wise lr decay
-        treats it as that stage.
-
-        Example:
-            >>> import coopnets
-            >>> from timm.models import group_parameters
-            >>> m = coopnets.wrap("resnet18")
-            >>> groups = group_parameters(m, m.group_matcher(coarse=True))
-            >>> [k for k, names in groups.items() if "exits.0.fc.weight" in names] == [
-            ...     k for k, names in groups.items() if "backbone.layer1.1.bn2.weight" in names]
-            True
-        """
-        if not hasattr(self.backbone, "group_matcher"):
-            raise NotImplementedError(f"timm backbone {self.backbone_name} has no group_matcher.")
-        matcher: Dict[str, Any] = {}
-        for group, spec in self.backbone.group_matcher(coarse=coarse).items():
-            if spec is None:
-                matcher[group] = None
-            elif isinstance(spec, (list, tuple)):
-                matcher[group] = [(_prefix_pattern(p), suffix) for p, suffix in spec]
-            else:
-                matcher[group] = [(_prefix_pattern(spec), None)]
-        compiled = _compile_matcher(matcher)
-        names = [n for n, _ in self.backbone.named_parameters()]
-        for k, module in enumerate(self.depth_plan.exit_modules()):
-            under = [n for n in names if not module or n == module or n.startswith(module + ".")]
-            keys = [_group_key(compiled, "backbone." + n) for n in under]
-            keys = [key for key in keys if key[0] != float("inf")]
-            if not keys:
-                continue  # the stage has no grouped parameters: the exit stays with the head group
-            key = max(keys)
-            group = list(matcher)[int(key[0])]
-            matcher[group] = list(matcher[group]) + [(r"^exits\." + str(k) + r"\.", tuple(key[1:]) or None)]
-        return matcher
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """The backbone's gradient checkpointing (every depth runs through the backbone's stages; the
-        block-level runs of ``exit_points="blocks"`` and ``plan="blocks"`` go through the stage layout,
-        which does not checkpoint)."""
-        self.backbone.set_grad_checkpointing(enable)
+        return self.depth_plan.classifier(depth)
 
     def extra_repr(self) -> str:
         return f"plan={self.plan}, num_depths={self.num_depths}, depth={self._depth}"
 
     def export(self, depth: int) -> nn.Module:
         """A standalone ``nn.Module`` with only what ``depth`` runs (see :func:`coopnets.inference.export.export_depth`)."""
-        return self.depth_plan.export(self, self.resolve_depth(depth))
+        return self.depth_plan.export(self.resolve_depth(depth))
 
 
 def wrap(backbone: Union[str, nn.Module], num_classes: Optional[int] = None, plan: str = "exits", **kwargs: Any) -> DepthAdaptiveModel:

@@ -1,14 +1,17 @@
 """Stage layouts: how to run a timm backbone one block at a time.
 
 timm's ``forward_intermediates(..., stop_early=True)`` runs a backbone *up to* a
-stage, which is all a fixed depth needs. Two features need more control:
+stage. Three features need more control:
 
 * the ``blocks`` depth plan skips blocks *inside* every stage (EKD's depth-level
-  sub-networks),
+  sub-networks);
 * ``exit_points="blocks"`` puts exit heads after blocks inside stages
-  (:attr:`StageLayout.block_ends`, :meth:`StageLayout.block_info`), and
+  (:attr:`StageLayout.block_ends`, :meth:`StageLayout.block_info`);
 * early exit with batch compaction resumes a forward pass where the previous exit
   stopped, on fewer samples.
+
+:class:`~coopnets.models.runners.layout.LayoutRunner` drives a layout for all of them
+(and for every depth of an ``exits``-plan model of these families).
 
 A :class:`StageLayout` describes a backbone family as ``stem -> stages of blocks ->
 finish`` so a runner can start and stop anywhere between blocks. Its intermediate
@@ -29,6 +32,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ._utils import default_input_size
 
 Position = Tuple[int, int]  # (stage index, number of blocks of that stage already run)
 
@@ -41,6 +47,8 @@ class StageLayout:
         stages: the blocks of every stage, in execution order.
         feature_ends: for every ``feature_info`` index, the position right after the
             block whose output timm reports as that feature (``None`` for the stem).
+        grad_checkpointing: :meth:`run` recomputes every block in the backward pass
+            (``torch.utils.checkpoint``) when gradients are on.
     """
 
     family: str = ""
@@ -49,6 +57,7 @@ class StageLayout:
         self.backbone = backbone
         self.stages: List[List[nn.Module]] = self._stages()
         self.feature_ends: List[Optional[Position]] = self._feature_ends()
+        self.grad_checkpointing = False
 
     # --- family specifics -------------------------------------------------------
     def _stages(self) -> List[List[nn.Module]]:
@@ -77,6 +86,12 @@ class StageLayout:
         raise NotImplementedError
 
     # --- generic runner ---------------------------------------------------------
+    def call_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``block(x)``, checkpointed when :attr:`grad_checkpointing` is on and gradients are recorded."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
     def run(self, x: torch.Tensor, start: Position, stop: Position) -> torch.Tensor:
         """Run blocks from position ``start`` (exclusive of work already done) to ``stop``."""
         stage, done = start
@@ -86,7 +101,7 @@ class StageLayout:
                 continue
             if done == 0:
                 x = self.enter(stage, x)
-            x = self.stages[stage][done](x)
+            x = self.call_block(self.stages[stage][done], x)
             done += 1
         return x
 
@@ -96,7 +111,7 @@ class StageLayout:
         for stage, n in enumerate(blocks_per_stage):
             x = self.enter(stage, x)
             for block in self.stages[stage][:n]:
-                x = block(x)
+                x = self.call_block(block, x)
             outs.append(x)
         return outs
 
@@ -114,7 +129,7 @@ class StageLayout:
         transformers), else its pretrained config's ``input_size``."""
         img_size = getattr(getattr(self.backbone, "patch_embed", None), "img_size", None)
         if img_size is None:
-            img_size = self.backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+            img_size = default_input_size(self.backbone.pretrained_cfg)[-2:]
         return int(img_size[0]), int(img_size[1])
 
     def block_info(self, in_chans: int) -> List[Dict[str, Any]]:
@@ -332,3 +347,18 @@ def get_layout(backbone: nn.Module, purpose: str = "this feature", instead: str 
         f"coopnets/models/layouts.py."
     )
 
+
+
+def find_layout(backbone: nn.Module) -> Optional[StageLayout]:
+    """The :class:`StageLayout` of ``backbone``, or ``None`` for a family without one (a model builds it
+    once and hands it to its depth plan).
+
+    Example:
+        >>> import timm
+        >>> type(find_layout(timm.create_model("resnet18"))).__name__, find_layout(timm.create_model("test_byobnet"))
+        ('ResNetLayout', None)
+    """
+    try:
+        return get_layout(backbone)
+    except NotImplementedError:
+        return None

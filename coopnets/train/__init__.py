@@ -9,11 +9,11 @@ line is :mod:`coopnets.cli.train` (``coopnets train`` / ``python -m coopnets.tra
 from . import recipes  # noqa: F401  (registers the recipes)
 from .config import TrainConfig
 from .data import DataError, DataSplits, load_data
-from .recipe import RECIPES, Recipe, RecipeConfig, RecipeOutput, create_recipe, register_recipe
+from .recipe import RECIPES, Recipe, RecipeConfig, RecipeOutput, SingleNetRecipe, create_recipe, register_recipe
 from .run import train
 from .trainer import Trainer
 
 __all__ = [
-    "RECIPES", "DataError", "DataSplits", "Recipe", "RecipeConfig", "RecipeOutput", "TrainConfig", "Trainer",
-    "create_recipe", "load_data", "register_recipe", "train",
+    "RECIPES", "DataError", "DataSplits", "Recipe", "RecipeConfig", "RecipeOutput", "SingleNetRecipe", "TrainConfig",
+    "Trainer", "create_recipe", "load_data", "register_recipe", "train",
 ]

@@ -76,11 +76,6 @@ class DataSplits:
     data_config: Dict[str, Any]
     test_split: str = "test"
 
-    @property
-    def test_is_val(self) -> bool:
-        """Whether the test split is the validation split (a folder without ``test/``)."""
-        return self.test_split != "test"
-
     def pretrained_cfg_fields(self) -> Dict[str, Any]:
         """What a checkpoint of this data records in its ``pretrained_cfg``: the data config,
         ``num_classes`` and ``label_names`` (timm's field names).

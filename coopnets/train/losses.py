@@ -10,6 +10,9 @@
   L2-normalised; the loss is the mean squared distance between two maps, resized to
   the teacher's resolution when they differ.
 * :func:`feature_mse` -- mean squared error between embeddings (feature hints).
+* :class:`EmbeddingAdapters` -- learned linear maps that bring every depth's embedding
+  to the deepest depth's width (identity where the widths already match), for feature
+  losses between depths whose embeddings differ in size (``linear`` exit heads).
 
 Example:
     >>> import torch
@@ -19,8 +22,11 @@ Example:
 """
 from __future__ import annotations
 
+from typing import List, Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def ce(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -72,3 +78,39 @@ def feature_mse(student: torch.Tensor, teacher: torch.Tensor, detach: bool = Tru
     if detach:
         teacher = teacher.detach()
     return F.mse_loss(student, teacher)
+
+
+class EmbeddingAdapters(nn.Module):
+    """One adapter per depth mapping its embedding to the deepest depth's width.
+
+    Depths whose width already equals the deepest one get ``nn.Identity`` (no
+    parameters), so with ``conv`` exit heads (all widths equal) this module is empty.
+
+    Args:
+        dims: embedding width per depth, shallowest first (a depth plan's
+            ``embedding_dims()``: the widths of ``forward_exits(x, with_features=True).embeddings``).
+
+    Example:
+        >>> import coopnets
+        >>> m = coopnets.wrap("test_resnet", num_classes=3, head="linear")
+        >>> dims = m.depth_plan.embedding_dims()
+        >>> dims
+        [32, 48, 192, 96]
+        >>> [tuple(e.shape) for e in EmbeddingAdapters(dims)([torch.randn(2, d) for d in dims])]
+        [(2, 96), (2, 96), (2, 96), (2, 96)]
+    """
+
+    def __init__(self, dims: Sequence[int]) -> None:
+        super().__init__()
+        if not dims:
+            raise ValueError("EmbeddingAdapters needs at least one embedding width.")
+        self.out_dim = int(dims[-1])
+        self.maps = nn.ModuleList(
+            nn.Identity() if d == self.out_dim else nn.Linear(d, self.out_dim) for d in dims
+        )
+
+    def forward(self, embeddings: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Project each depth's embedding (N, d_k) to (N, out_dim)."""
+        if len(embeddings) != len(self.maps):
+            raise ValueError(f"Expected {len(self.maps)} embeddings (one per depth), got {len(embeddings)}.")
+        return [m(e) for m, e in zip(self.maps, embeddings)]

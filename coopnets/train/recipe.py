@@ -6,6 +6,7 @@ the training loss. The trainer (:mod:`coopnets.train.trainer`) builds one optimi
 ``recipe.parameters()``, wraps the recipe in DistributedDataParallel when distributed,
 and validates ``recipe.eval_models()`` at every depth each epoch. Methods therefore only
 differ in this file's subclasses; the loop, checkpoints, metrics and plots exist once.
+A method that trains one net subclasses :class:`SingleNetRecipe` and writes only its loss.
 
 Recipes register themselves by name with :func:`register_recipe`; :func:`create_recipe`
 builds one (unknown names list the valid ones).
@@ -41,12 +42,16 @@ class RecipeOutput:
     Attributes:
         loss: scalar training loss (what the trainer back-propagates).
         logits: per-depth logits of the main net (for running train accuracy).
-        terms: named loss terms, detached, for logging.
+        terms: named loss terms for logging; tensors are detached and every value is
+            stored as a ``float``.
     """
 
     loss: torch.Tensor
     logits: List[torch.Tensor]
     terms: Dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.terms = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in self.terms.items()}
 
 
 @dataclass
@@ -153,6 +158,49 @@ class Recipe(nn.Module):
         ordinals = {f"{prefix}.{name}": float(layer + top - max(ids.values(), default=0))
                     for prefix, ids in layers.items() for name, layer in ids.items()}
         return lambda name: (ordinals.get(name, float(top)),)
+
+
+class SingleNetRecipe(Recipe):
+    """Base of the methods that train ONE depth-adaptive net, ``self.net``.
+
+    ``__init__`` builds the net (one ``model_fn()`` call), then :meth:`setup` adds the
+    method's own modules; the net is the only eval net and the deployable one. A
+    subclass sets ``name`` and ``config_cls`` and writes ``forward``: its loss.
+
+    Example:
+        >>> import torch, coopnets
+        >>> from coopnets.train.losses import ce
+        >>> class LastExit(SingleNetRecipe):
+        ...     name = "last_exit"
+        ...     def forward(self, x, y):
+        ...         logits = self.net.forward_exits(x)
+        ...         loss = ce(logits[-1], y)
+        ...         return RecipeOutput(loss, logits, {"ce": loss})
+        >>> r = LastExit(lambda: coopnets.wrap("test_resnet", num_classes=3))
+        >>> out = r(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))
+        >>> sorted(r.eval_models()), r.deployable({"net": [0.5]}), type(out.terms["ce"])
+        (['net'], 'net', <class 'float'>)
+    """
+
+    def __init__(self, model_fn: ModelFactory, config: Any = None) -> None:
+        super().__init__(model_fn, config)
+        self.net = model_fn()
+        self.setup()
+
+    def setup(self) -> None:
+        """Build the method's own modules (adapters, weighting layers...), right after ``self.net``.
+
+        Creation order is parameter order and RNG order, so checkpoints depend on it.
+        Default: nothing.
+        """
+
+    def eval_models(self) -> Dict[str, DepthAdaptiveModel]:
+        """``{"net": self.net}``."""
+        return {"net": self.net}
+
+    def deployable(self, val_accuracy: Mapping[str, List[float]]) -> str:
+        """``"net"``, the only net."""
+        return "net"
 
 
 RECIPES: Dict[str, Type[Recipe]] = {}

@@ -14,7 +14,7 @@ One depth-adaptive net; its deepest exit teaches the shallower ones, online. For
 * **hint** -- mean squared error between each exit's pooled embedding and the deepest
   exit's (detached; :func:`coopnets.train.losses.feature_mse`). When widths differ
   (``linear`` exit heads), a learned linear adapter ``A_k``
-  (:class:`~coopnets.train.recipes._common.EmbeddingAdapters`) maps the exit's embedding
+  (:class:`~coopnets.train.losses.EmbeddingAdapters`) maps the exit's embedding
   to the deepest width; with ``conv`` heads ``A_k`` is the identity.
 
 Defaults: the BYOT journal code's ``0.7 * CE + 0.3 * soft CE`` at ``T = 3`` for shallow
@@ -38,10 +38,8 @@ from typing import Dict
 
 import torch
 
-from ...models.depth_adaptive import DepthAdaptiveModel
-from ..losses import ce, feature_mse, kd
-from ..recipe import ModelFactory, Recipe, RecipeConfig, RecipeOutput, register_recipe
-from ._common import EmbeddingAdapters, embedding_dims
+from ..losses import EmbeddingAdapters, ce, feature_mse, kd
+from ..recipe import RecipeConfig, RecipeOutput, SingleNetRecipe, register_recipe
 
 
 @dataclass
@@ -59,16 +57,15 @@ class BYOTConfig(RecipeConfig):
 
 
 @register_recipe
-class BYOT(Recipe):
+class BYOT(SingleNetRecipe):
     """Deepest exit teaches every shallower exit: CE + KL + feature hint."""
 
     name = "byot"
     config_cls = BYOTConfig
 
-    def __init__(self, model_fn: ModelFactory, config=None) -> None:
-        super().__init__(model_fn, config)
-        self.net = model_fn()
-        self.adapters = EmbeddingAdapters(embedding_dims(self.net))
+    def setup(self) -> None:
+        """The feature-hint adapters ``A_k``."""
+        self.adapters = EmbeddingAdapters(self.net.depth_plan.embedding_dims())
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> RecipeOutput:
         cfg = self.config
@@ -86,7 +83,4 @@ class BYOT(Recipe):
                 + cfg.kd_weight * terms[f"kd_{k + 1}"]
                 + cfg.hint_weight * terms[f"hint_{k + 1}"]
             )
-        return RecipeOutput(loss, out.logits, {k: float(v.detach()) for k, v in terms.items()})
-
-    def eval_models(self) -> Dict[str, DepthAdaptiveModel]:
-        return {"net": self.net}
+        return RecipeOutput(loss, out.logits, terms)

@@ -159,7 +159,7 @@ class Cooperative(Recipe):
         weights = {"ce_full": 1.0, "ce_sub": c.w_sub_ce, "kd_leader": c.w_leader_kd, "kd_self": c.w_self_kd,
                    "ce_leader": 0.0 if c.fixed_leader else c.w_leader_ce, "kd_mutual": c.w_mutual_kd}
         loss = sum(weights[k] * v for k, v in terms.items())
-        return RecipeOutput(loss, za, {k: v.detach().item() for k, v in terms.items()})
+        return RecipeOutput(loss, za, terms)
 
     def eval_models(self) -> Dict[str, DepthAdaptiveModel]:
         return {"teammate_a": self.teammate_a, "teammate_b": self.teammate_b}

@@ -51,9 +51,8 @@ from typing import Dict
 
 import torch
 
-from ...models.depth_adaptive import DepthAdaptiveModel
 from ..losses import attention_loss, ce, kd
-from ..recipe import ModelFactory, Recipe, RecipeConfig, RecipeOutput, register_recipe
+from ..recipe import RecipeConfig, RecipeOutput, SingleNetRecipe, register_recipe
 
 
 @dataclass
@@ -71,15 +70,11 @@ class EKDConfig(RecipeConfig):
 
 
 @register_recipe
-class EKD(Recipe):
+class EKD(SingleNetRecipe):
     """The full net teaches every sub-net: CE + KL to its probabilities + attention transfer."""
 
     name = "ekd"
     config_cls = EKDConfig
-
-    def __init__(self, model_fn: ModelFactory, config=None) -> None:
-        super().__init__(model_fn, config)
-        self.net = model_fn()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> RecipeOutput:
         cfg = self.config
@@ -95,7 +90,4 @@ class EKD(Recipe):
             terms[f"kd_{d + 1}"] = kd(logits, teacher, cfg.temperature)
             terms[f"at_{d + 1}"] = sum(attention_loss(s, t) for s, t in self.net.depth_plan.feature_pairs(out, d))
             loss = loss + cfg.kd_weight * terms[f"kd_{d + 1}"] + cfg.attention_weight * terms[f"at_{d + 1}"]
-        return RecipeOutput(loss, out.logits, {k: float(v.detach()) for k, v in terms.items()})
-
-    def eval_models(self) -> Dict[str, DepthAdaptiveModel]:
-        return {"net": self.net}
+        return RecipeOutput(loss, out.logits, terms)

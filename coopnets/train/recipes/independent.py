@@ -15,7 +15,7 @@ Validation: :meth:`Independent.eval_models` returns the net, so a trainer valida
 every depth like any recipe, but only the entry of the trained depth is meaningful (the
 other depths use untrained stages or heads). Read ``recipe.trained_depth`` (1-based) or
 let :func:`~coopnets.train.sweep.train_each_depth` assemble the per-depth table;
-:meth:`Independent.deployable` names the net.
+the net is the deployable one (:meth:`~coopnets.train.recipe.SingleNetRecipe.deployable`).
 
 Example:
     >>> import torch, coopnets
@@ -28,13 +28,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping
+from typing import Any, Mapping
 
 import torch
 
-from ...models.depth_adaptive import DepthAdaptiveModel
 from ..losses import ce
-from ..recipe import ModelFactory, Recipe, RecipeConfig, RecipeOutput, register_recipe
+from ..recipe import RecipeConfig, RecipeOutput, SingleNetRecipe, register_recipe
 
 
 @dataclass
@@ -46,17 +45,15 @@ class IndependentConfig(RecipeConfig):
 
 
 @register_recipe
-class Independent(Recipe):
+class Independent(SingleNetRecipe):
     """CE on one depth's truncated network; the other depths are left untrained."""
 
     name = "independent"
     config_cls = IndependentConfig
     trains_all_parameters = False
 
-    def __init__(self, model_fn: ModelFactory, config: Any = None) -> None:
-        super().__init__(model_fn, config)
-        self.net = model_fn()
-        #: the trained depth, 1-based (``config.depth`` with -1 resolved).
+    def setup(self) -> None:
+        """``trained_depth``: the depth this recipe trains, 1-based (``config.depth`` with -1 resolved)."""
         self.trained_depth = self.net.resolve_depth(self.config.depth)
 
     @classmethod
@@ -70,10 +67,4 @@ class Independent(Recipe):
         (only the trained depth's running accuracy is meaningful)."""
         logits = self.net.forward_depth(x, self.trained_depth)
         loss = ce(logits, y, self.config.label_smoothing)
-        return RecipeOutput(loss, [logits] * self.net.num_depths, {f"ce_{self.trained_depth}": float(loss.detach())})
-
-    def eval_models(self) -> Dict[str, DepthAdaptiveModel]:
-        return {"net": self.net}
-
-    def deployable(self, val_accuracy: Mapping[str, List[float]]) -> str:
-        return "net"
+        return RecipeOutput(loss, [logits] * self.net.num_depths, {f"ce_{self.trained_depth}": loss})

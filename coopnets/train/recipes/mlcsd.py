@@ -4,7 +4,7 @@ One depth-adaptive net with ``K`` depths (exits). Every exit ``k`` gets its own 
 built per sample from *all* exits by a learned weighting module ``W_k``:
 
 * embeddings ``e_j`` (pooled pre-logits) are projected to the deepest exit's width by
-  learned linear adapters ``A_j`` (:class:`~coopnets.train.recipes._common.EmbeddingAdapters`;
+  learned linear adapters ``A_j`` (:class:`~coopnets.train.losses.EmbeddingAdapters`;
   identity where widths already match, e.g. ``conv`` exit heads);
 * ``W_k`` is a linear layer (a 1x1 conv on pooled features) on the concatenation of all
   projected embeddings, giving softmax weights ``a_k`` over the ``K`` exits, per sample.
@@ -42,10 +42,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from ...models.depth_adaptive import DepthAdaptiveModel
-from ..losses import ce, feature_mse, kd
-from ..recipe import ModelFactory, Recipe, RecipeConfig, RecipeOutput, register_recipe
-from ._common import EmbeddingAdapters, embedding_dims
+from ..losses import EmbeddingAdapters, ce, feature_mse, kd
+from ..recipe import RecipeConfig, RecipeOutput, SingleNetRecipe, register_recipe
 
 
 @dataclass
@@ -88,16 +86,15 @@ class ExitWeighting(nn.Module):
 
 
 @register_recipe
-class MLCSD(Recipe):
+class MLCSD(SingleNetRecipe):
     """Every exit distils from its own learned, per-sample weighted ensemble of all exits."""
 
     name = "mlcsd"
     config_cls = MLCSDConfig
 
-    def __init__(self, model_fn: ModelFactory, config=None) -> None:
-        super().__init__(model_fn, config)
-        self.net = model_fn()
-        self.adapters = EmbeddingAdapters(embedding_dims(self.net))
+    def setup(self) -> None:
+        """The embedding adapters ``A_j``, then the weighting modules ``W_k``."""
+        self.adapters = EmbeddingAdapters(self.net.depth_plan.embedding_dims())
         self.weighting = ExitWeighting(self.net.num_depths, self.adapters.out_dim)
 
     def _teachers(self, x: torch.Tensor):
@@ -133,7 +130,4 @@ class MLCSD(Recipe):
             for name, weight, value in parts:
                 terms[f"{name}_{k + 1}"] = value
                 loss = loss + weight * value
-        return RecipeOutput(loss, out.logits, {k: float(v.detach()) for k, v in terms.items()})
-
-    def eval_models(self) -> Dict[str, DepthAdaptiveModel]:
-        return {"net": self.net}
+        return RecipeOutput(loss, out.logits, terms)

@@ -1,47 +1,43 @@
 """Run any traceable timm backbone segment by segment between its exit points.
 
-:func:`build_segments` traces what :meth:`~coopnets.DepthAdaptiveModel.forward_exits`
-computes (timm's ``forward_intermediates(x, indices=model.exit_indices,
-stop_early=False)`` followed by ``forward_head``) with ``torch.fx`` and timm's own
-leaf modules and autowrapped functions (the ones timm's FX feature extraction uses),
-then cuts the graph into ``len(exit_indices) + 1`` segments: segment ``k`` holds every
-node that exit ``k``'s feature map needs and no earlier exit needed; the last segment
-holds the rest up to the logits. The feature maps are exactly the NCHW tensors that
-``forward_intermediates`` returns (its output formatting, e.g. NHWC -> NCHW or token
--> map reshapes, is part of the graph), so an exit head reads the same tensor as in
-``forward_exits``.
+:func:`build_segments` traces timm's ``forward_intermediates(x, indices=exit indices,
+stop_early=False)`` with ``torch.fx`` and timm's own leaf modules and autowrapped
+functions (the ones timm's FX feature extraction uses), then cuts the graph into
+``len(indices) + 1`` segments: segment ``k`` holds every node that exit ``k``'s feature
+map needs and no earlier exit needed; the last segment holds the rest up to the final
+features. The feature maps are exactly the NCHW tensors that ``forward_intermediates``
+returns (its output formatting, e.g. NHWC -> NCHW or token -> map reshapes, is part of
+the graph), so an exit head reads the same tensor as in ``forward_exits``.
 
-Between two segments the runner keeps every value that a later segment reads (the
-running feature map, skip connections, shape integers, ...). When samples leave, each
-such value is compacted with a rule found at build time by running the segments on two
-batch sizes: tensors are ``index_select``-ed along their batch dimension, integers equal
-to the batch size become the new batch size (also inside ``torch.Size``/tuples), and
-values that do not depend on the batch pass unchanged. A value that mixes samples
-(e.g. a batch statistic, or the batch folded into another dimension) makes the build
-fail with a sentence saying so.
+:class:`SegmentRunner` is a :class:`~coopnets.models.runners.base.Runner`. Between two
+segments it keeps every value that a later segment reads (the running feature map, skip
+connections, shape integers, ...). When samples leave, each such value is compacted
+with a rule found at build time by running the segments on two batch sizes: tensors are
+``index_select``-ed along their batch dimension, integers equal to the batch size become
+the new batch size (also inside ``torch.Size``/tuples), and values that do not depend on
+the batch pass unchanged. A value that mixes samples (e.g. a batch statistic, or the
+batch folded into another dimension) makes the build fail with a sentence saying so.
 
 Example:
-    >>> import torch, coopnets
-    >>> m = coopnets.wrap("test_byobnet", num_classes=10).eval()
-    >>> runner = build_segments(m, (3, 64, 64))
-    >>> runner.num_segments == m.num_depths
-    True
-    >>> env = runner.start(torch.randn(2, 3, 64, 64))
-    >>> env, feature = runner.advance(env, 0)
-    >>> m.exits[0](feature).shape
-    torch.Size([2, 10])
+    >>> import torch, timm
+    >>> backbone = timm.create_model("test_byobnet").eval()
+    >>> runner = build_segments(backbone, [1, 2], (3, 64, 64))
+    >>> runner.num_exits
+    2
+    >>> state = runner.start(torch.randn(2, 3, 64, 64))
+    >>> state, fmap = runner.advance(state, 0)
+    >>> fmap.shape[0], runner.finish(runner.advance(runner.compact(state, torch.tensor([0])), 1)[0]).shape[0]
+    (2, 1)
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, ClassVar, Dict, List, Sequence, Set, Tuple
 
 import torch
 from torch import fx, nn
 
-from ._utils import eval_mode
-
-if TYPE_CHECKING:
-    from .depth_adaptive import DepthAdaptiveModel
+from .._utils import eval_mode
+from .base import Runner
 
 __all__ = ["SegmentRunner", "build_segments"]
 
@@ -51,7 +47,7 @@ _PROBE_BATCHES = (2, 3)
 
 
 class _ExitsForward(nn.Module):
-    """What ``forward_exits`` computes, as one traceable module: exit feature maps, then the final logits."""
+    """``forward_intermediates`` as one traceable module: the exit feature maps, then the final features."""
 
     def __init__(self, backbone: nn.Module, indices: Sequence[int]) -> None:
         super().__init__()
@@ -60,7 +56,7 @@ class _ExitsForward(nn.Module):
 
     def forward(self, x):
         final, feats = self.backbone.forward_intermediates(x, indices=self.indices, stop_early=False)
-        return (*feats, self.backbone.forward_head(final))
+        return (*feats, final)
 
 
 class _TimmTracer(fx.Tracer):
@@ -81,44 +77,41 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:160]}"
 
 
-class SegmentRunner:
-    """A backbone cut at its exits into ``num_segments`` ``GraphModule`` s (built by :func:`build_segments`).
+class SegmentRunner(Runner):
+    """A backbone cut at its exits into ``num_exits + 1`` ``GraphModule`` s (built by :func:`build_segments`).
 
     The state between segments is a dict of live values (``env``). :meth:`start` makes
     it from the images, :meth:`advance` runs segment ``k`` (0-based, one per exit head)
     and returns the exit's NCHW feature map, :meth:`finish` runs the last segment and
-    returns the backbone's logits, :meth:`compact` keeps only some samples of every live
-    value.
+    returns the backbone's final features, :meth:`compact` keeps only some samples of
+    every live value. The segments are traced in eval mode: inference only.
 
     Attributes:
         segments: one ``GraphModule`` per segment; segment ``k < K`` returns
-            ``(feature_k, *values read later)``, the last one ``(logits,)``.
+            ``(feature_k, *values read later)``, the last one ``(final features,)``.
         inputs: names of the values each segment reads.
         outputs: names of the values each segment hands on (after its feature map).
         rules: how each live value is compacted (see the module docstring).
     """
 
-    #: the trace fixed the spatial size (``torch.export`` fallback): rebuild for another image size
-    size_specific: bool = False
+    kind: ClassVar[str] = "segments"
 
     def __init__(
         self,
+        backbone: nn.Module,
         segments: List[fx.GraphModule],
         input_name: str,
         inputs: List[List[str]],
         outputs: List[List[str]],
         live: List[List[str]],
     ) -> None:
+        super().__init__(backbone, len(segments) - 1)
         self.segments = segments
         self.input_name = input_name
         self.inputs = inputs
         self.outputs = outputs
         self.live = live
         self.rules: Dict[str, Rule] = {}
-
-    @property
-    def num_segments(self) -> int:
-        return len(self.segments)
 
     def start(self, x: torch.Tensor) -> Env:
         """The state before segment 0: just the images."""
@@ -131,13 +124,13 @@ class SegmentRunner:
         return out[0], {name: values[name] for name in self.live[k]}
 
     def advance(self, env: Env, k: int) -> Tuple[Env, torch.Tensor]:
-        """Run segment ``k`` (``k < num_segments - 1``): the new state and exit ``k``'s feature map."""
+        """Run segment ``k`` (``k < num_exits``): the new state and exit ``k``'s feature map."""
         feature, env = self._run(env, k)
         return env, feature
 
     def finish(self, env: Env) -> torch.Tensor:
-        """Run the last segment: the backbone's logits."""
-        return self._run(env, self.num_segments - 1)[0]
+        """Run the last segment: the backbone's final features."""
+        return self._run(env, self.num_exits)[0]
 
     def compact(self, env: Env, keep: torch.Tensor) -> Env:
         """Keep the samples ``keep`` (row indices) of every live value."""
@@ -196,10 +189,10 @@ def _apply(rule: Rule, v: Any, keep: torch.Tensor) -> Any:
 
 
 # --- building -------------------------------------------------------------------------------
-def _trace(model: "DepthAdaptiveModel", size: Sequence[int]) -> Tuple[fx.GraphModule, bool]:
+def _trace(backbone: nn.Module, indices: Sequence[int], size: Sequence[int], name: str) -> Tuple[fx.GraphModule, bool]:
     """FX-trace the exits forward (shape-agnostic); if python control flow on shapes stops
     that, ``torch.export`` it with a dynamic batch (spatial sizes fixed to ``size``)."""
-    root = _ExitsForward(model.backbone, model.exit_indices)
+    root = _ExitsForward(backbone, indices)
     tracer = _TimmTracer()
     with eval_mode(root):
         try:
@@ -208,19 +201,19 @@ def _trace(model: "DepthAdaptiveModel", size: Sequence[int]) -> Tuple[fx.GraphMo
         except Exception as err:  # torch.fx raises many kinds; all mean "not traceable"
             fx_error = _short(err)
         try:
-            x = torch.randn(_PROBE_BATCHES[0], *size, device=next(model.parameters()).device)
+            x = torch.randn(_PROBE_BATCHES[0], *size, device=next(backbone.parameters()).device)
             batch = torch.export.Dim("batch", min=1, max=1 << 16)
             with torch.no_grad():
                 program = torch.export.export(root, (x,), dynamic_shapes={"x": {0: batch}}, strict=False)
             return program.module(), True
         except Exception as err:
             raise ValueError(
-                f"{model.backbone_name} cannot run segment by segment: neither torch.fx ({fx_error}) nor "
+                f"{name} cannot run segment by segment: neither torch.fx ({fx_error}) nor "
                 f"torch.export with a dynamic batch ({_short(err)}) can trace its forward_intermediates."
             ) from None
 
 
-def _split(gm: fx.GraphModule, name: str) -> SegmentRunner:
+def _split(gm: fx.GraphModule, backbone: nn.Module, name: str) -> Tuple[SegmentRunner, Set[str]]:
     graph = gm.graph
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -284,7 +277,7 @@ def _split(gm: fx.GraphModule, name: str) -> SegmentRunner:
         segments.append(fx.GraphModule(gm, g))
         inputs.append([m.name for m in ins])
         outputs.append([m.name for m in hand_on])
-    return SegmentRunner(segments, x_node.name, inputs, outputs, [[m.name for m in ls] for ls in live]), _dependent(nodes, x_node)
+    return SegmentRunner(backbone, segments, x_node.name, inputs, outputs, [[m.name for m in ls] for ls in live]), _dependent(nodes, x_node)
 
 
 def _dependent(nodes: List[fx.Node], x_node: fx.Node) -> Set[str]:
@@ -298,7 +291,7 @@ def _dependent(nodes: List[fx.Node], x_node: fx.Node) -> Set[str]:
 def _probe(runner: SegmentRunner, x: torch.Tensor) -> Tuple[List[Env], List[torch.Tensor]]:
     envs, outs = [], []
     env = runner.start(x)
-    for k in range(runner.num_segments - 1):
+    for k in range(runner.num_exits):
         envs.append(env)
         env, feature = runner.advance(env, k)
         outs.append(feature)
@@ -308,43 +301,40 @@ def _probe(runner: SegmentRunner, x: torch.Tensor) -> Tuple[List[Env], List[torc
 
 
 @torch.no_grad()
-def build_segments(model: "DepthAdaptiveModel", image_size: Optional[Sequence[int]] = None, atol: float = 1e-4) -> SegmentRunner:
-    """Cut ``model``'s backbone (``exits`` plan, ``exit_points="stages"``) into one segment per depth.
+def build_segments(
+    backbone: nn.Module, indices: Sequence[int], image_size: Sequence[int], name: str = "", atol: float = 1e-4
+) -> SegmentRunner:
+    """Cut ``backbone`` into one segment per exit at its ``feature_info`` entries ``indices``, and the rest.
 
     The segments are traced in eval mode (``training`` branches are fixed at trace time:
     use the runner for inference). The build checks the result: the segments, run on
-    random images of ``image_size`` (C, H, W; default the model's ``input_size``) at two
-    batch sizes, give the same feature maps and logits as the unsplit backbone.
+    random images of ``image_size`` (C, H, W) at two batch sizes, give the same feature
+    maps and final features as the unsplit backbone. ``name`` names the backbone in errors.
 
     Raises:
         ValueError: one sentence saying why this backbone cannot be split (not
             FX-traceable, a value that mixes samples across a cut, a split that changes
             the result).
     """
-    name = model.backbone_name
-    if model.exit_points == "blocks":
-        raise ValueError(
-            f"{name} cannot run segment by segment: segments are cut at feature_info stages, and this model's "
-            f"exits sit at block ends (exit_points='blocks'), which its StageLayout runs."
-        )
-    size = tuple(image_size or model.pretrained_cfg.get("input_size", (model.in_chans, 224, 224)))
-    gm, size_specific = _trace(model, size)
-    runner, dependent = _split(gm, name)
+    name = name or type(backbone).__name__
+    size = tuple(int(s) for s in image_size)
+    gm, size_specific = _trace(backbone, indices, size, name)
+    runner, dependent = _split(gm, backbone, name)
     runner.size_specific = size_specific
-    device = next(model.parameters()).device
-    with eval_mode(model):
+    device = next(backbone.parameters()).device
+    with eval_mode(backbone):
         probes = []
         for b in _PROBE_BATCHES:
             x = torch.randn(b, *size, device=device)
             try:
                 envs, outs = _probe(runner, x)
-                ref = model.backbone.forward_intermediates(x, indices=model.exit_indices, stop_early=False)
+                ref = backbone.forward_intermediates(x, indices=list(indices), stop_early=False)
             except Exception as err:
                 raise ValueError(f"{name} cannot run segment by segment: its traced segments fail ({_short(err)}).") from None
-            ref = list(ref[1]) + [model.backbone.forward_head(ref[0])]
+            ref = list(ref[1]) + [ref[0]]
             for k, (got, want) in enumerate(zip(outs, ref)):
                 if got.shape != want.shape or not torch.allclose(got, want, atol=atol, rtol=atol):
-                    what = "the logits" if k == len(outs) - 1 else f"exit {k + 1}'s feature map"
+                    what = "the final features" if k == len(outs) - 1 else f"exit {k + 1}'s feature map"
                     raise ValueError(
                         f"{name} cannot run segment by segment: the traced segments change {what} "
                         f"(the trace fixed a value that depends on the input)."
