@@ -27,7 +27,7 @@ ensure_env() {
   echo "[run.sh] building $VENV (torch + torchvision from the registry, as a pair)" >&2
   [ -x "$PY" ] || python3 -m venv "$VENV"
   PIP_FIND_LINKS=" " PIP_EXTRA_INDEX_URL=" " "$PY" -m pip install --upgrade --quiet pip
-  PIP_FIND_LINKS=" " PIP_EXTRA_INDEX_URL=" " "$PY" -m pip install --quiet -e '.[test,export]'
+  PIP_FIND_LINKS=" " PIP_EXTRA_INDEX_URL=" " "$PY" -m pip install --quiet -e '.[test,export,serve]'
   "$PY" -c "import torch, torchvision, timm; print(f'[run.sh] torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}')" >&2
   echo "$want" > "$stamp"
 }

@@ -61,7 +61,7 @@ def test_picks_the_deepest_depth_that_fits_the_slack(model, waited, expected):
     assert ctl.stats()["misses"] == 0
 
 
-def test_nothing_fits_runs_the_fastest_and_counts_a_miss(model):
+def test_nothing_fits_runs_the_shallowest_and_counts_a_miss(model):
     ctl = make_controller(model)
     d = ctl.decide(8, [17.0] * 8)  # 3 ms left, depth 1 needs 4
     assert d.option.depth == 1 and not d.fits
@@ -184,10 +184,11 @@ def test_concurrent_callers_each_get_their_own_depth(model):
             for _ in range(5):
                 x = torch.randn(8, *SIZE)
                 logits, depths, decision = ctl.run(x, [waits[depth]] * 8)
+                chosen = decision.option.depth  # waiting on the lock counts as waiting: under load it may be shallower
                 with torch.inference_mode():
-                    expected = model.forward_depth(x, depth)
-                results.setdefault(depth, []).append(decision.option.depth)
-                assert depths.tolist() == [depth] * 8
+                    expected = model.forward_depth(x, chosen)
+                results.setdefault(depth, []).append(chosen)
+                assert depths.tolist() == [chosen] * 8
                 torch.testing.assert_close(logits, expected)
         except BaseException as e:  # surfaced in the main thread
             errors.append(e)
@@ -198,7 +199,8 @@ def test_concurrent_callers_each_get_their_own_depth(model):
     for t in threads:
         t.join(60)
     assert not errors, errors
-    assert results == {d: [d] * 5 for d in waits}
+    assert all(max(chosen) <= d for d, chosen in results.items())  # never deeper than its own slack allows
+    assert len({c for chosen in results.values() for c in chosen}) > 1  # the threads really ran different depths
     assert model.depth == model.num_depths
 
 

@@ -4,9 +4,10 @@ Each subcommand is the module of the same name in this package (``coopnets train
 :mod:`coopnets.cli.train`), exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 this file only dispatches. Modules whose name starts with ``_`` are helpers, not commands.
 
-Expected failures (:data:`EXPECTED_ERRORS`: a bad depth, a missing path, a file that is
-not a checkpoint, offline without a cached copy, a missing repo, a refused token) end the
-command with one line on stderr, ``coopnets COMMAND: error: ...``, and exit code 2.
+Every command runs under the one error policy of :mod:`coopnets.cli.errors`: an expected
+failure (a bad setting, a missing path, a file that is not a checkpoint, offline without a
+cached copy, a missing repo, a refused token, the Hub unreachable) ends it with one line on
+stderr, ``coopnets COMMAND: error: ...``, and exit code 2; argparse errors are two lines.
 
 Example:
     coopnets demo --model coop_resnet18
@@ -17,20 +18,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from types import ModuleType
 from typing import List, Optional
 
-from ..hub.format import CheckpointError
+from .errors import EXPECTED_ERRORS, one_line, run_entry
 
-#: what a command may raise for a bad request (reported in one line, exit code 2); anything else is a bug
-EXPECTED_ERRORS = (CheckpointError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
+__all__ = ["EXPECTED_ERRORS", "SUBCOMMANDS", "build_parser", "command_module", "main", "one_line"]
 
 #: subcommand (= module name in this package) -> one-line help
 SUBCOMMANDS = {
     "demo": "build a zoo model, run every depth and print its per-depth profile",
     "export": "write one depth of a model as a standalone ONNX, TorchScript or safetensors file",
     "push": "publish a finished training run's checkpoint (RUN_DIR/model) to the Hugging Face Hub",
+    "serve": "serve a model over HTTP on Ray Serve, each batch's depth chosen to meet a latency SLO",
     "train": "train a depth-adaptive model (cooperative learning by default) and report every depth",
 }
 
@@ -49,16 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(error: BaseException) -> str:
-    """An error message on one line (newlines and runs of spaces folded).
-
-    Example:
-        >>> one_line(ValueError("bad depth 7;" + chr(10) + "  valid depths: 1..4"))
-        'bad depth 7; valid depths: 1..4'
-    """
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``coopnets COMMAND ...``; returns the exit code (2 for an expected failure, reported on stderr).
 
@@ -66,9 +56,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         >>> main(["export", "no_such_model", "--depth", "1", "--out", "x.onnx"])
         2
     """
-    args = build_parser().parse_args(argv)
-    try:
+    prog = ["coopnets"]
+
+    def dispatch() -> int:
+        args = build_parser().parse_args(argv)
+        prog[0] = f"coopnets {args.command}"
         return int(command_module(args.command).run(args) or 0)
-    except EXPECTED_ERRORS as e:
-        print(f"coopnets {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+
+    return run_entry(dispatch, prog="coopnets", name_of=lambda: prog[0])

@@ -52,10 +52,8 @@ def wrapper_group_matcher(backbone: nn.Module, exit_modules: Sequence[str], coar
 
 
 class TimmModelApi(nn.Module):
-    """timm's hooks of a model holding ``backbone``, a ``depth_plan`` and its ``exits`` (a mixin)."""
-
-    backbone: nn.Module
-    exits: nn.ModuleList
+    """timm's hooks of a model holding ``backbone``, a ``depth_plan`` and its ``exits`` (a mixin; no class-level
+    annotations here: TorchScript reads them when it scripts the model)."""
 
     @torch.jit.ignore
     def forward_intermediates(

@@ -6,7 +6,7 @@ Before each batch, :meth:`DepthController.decide` takes the batch size and how l
 request has waited; the batch's *slack* is ``min(slo_ms - waited_ms)``. Among the options
 whose predicted run time, safety margin included (:meth:`LatencyModel.upper`), fits the
 slack it picks the highest expected accuracy (ties: the faster); when none fits it picks
-the fastest and counts a *miss*. It first looks one batch ahead (``reserve_next``): this
+the shallowest depth and counts a *miss*. It first looks one batch ahead (``reserve_next``): this
 batch's option plus the fastest option for the next batch must also fit the next batch's
 slack, where the next batch is the requests queued behind this one (``backlog_waited_ms``,
 oldest first) or, with none queued, requests arriving during this run (waited 0, as many
@@ -30,9 +30,9 @@ Example:
     >>> logits, depths, decision = ctl.run(torch.randn(4, 3, 32, 32), waited_ms=[0.0] * 4)
     >>> logits.shape, decision.option.name, decision.fits, depths.tolist()
     (torch.Size([4, 10]), 'depth4', True, [4, 4, 4, 4])
-    >>> late = ctl.decide(4, [1e4] * 4)        # no slack left: the fastest option, counted as a miss
-    >>> late.fits, ctl.stats()["misses"], late.option == min(ctl.options, key=lambda o: ctl.latency.upper(o.name, 4))
-    (False, 1, True)
+    >>> late = ctl.decide(4, [1e4] * 4)        # no slack left: the shallowest depth, counted as a miss
+    >>> late.fits, ctl.stats()["misses"], late.option.name
+    (False, 1, 'depth1')
 """
 from __future__ import annotations
 
@@ -303,8 +303,9 @@ class DepthController:
         return best, best_p
 
     def _fastest(self, n: int) -> Tuple[ServingOption, float]:
-        upper = self.latency.upper
-        return min(((o, upper(o.name, n)) for o in self.options), key=lambda t: t[1])
+        """The shallowest plain depth (what runs when nothing fits) and its predicted time for ``n`` samples."""
+        option = min(self.options, key=lambda o: (o.early_exit, o.depth))
+        return option, self.latency.upper(option.name, n)
 
     def decide(self, batch_size: int, waited_ms: Sequence[float], *,
                backlog_waited_ms: Sequence[float] = ()) -> Decision:
