@@ -42,7 +42,8 @@ from coopnets.inference.profiler import profile
 NAME = "latency"
 TITLE = "Latency benchmark (CPU)"
 DEFAULT_MODELS = ("coop_resnet50", "coop_mobilenetv3_large_100", "coop_convnext_tiny", "coop_vit_small_patch16_224")
-TARGETS = {"wrapper_overhead": 1.02, "depth_vs_timm": 1.05, "early_exit_vs_flops": 0.8}
+TARGETS = {"wrapper_overhead": 1.02, "depth_vs_timm": 1.05, "early_exit_vs_flops": 0.8, "early_exit_vs_bound": 0.95}
+PHASES = ("backbone", "heads", "decide", "compact")
 
 
 def build(name: str, img_size: int) -> coopnets.DepthAdaptiveModel:
@@ -98,18 +99,27 @@ def bench_depths(model, plain, flops_ratio, x, mode, repeats, warmup) -> List[di
 
 
 def bench_early_exit(model, x, repeats, warmup) -> dict:
+    """Early exit against full depth and every depth alone, all interleaved in one run (the latency bound
+    reads depths timed beside the early-exit pass), then where the early-exit pass spends its time."""
     labels = torch.randint(0, model.num_classes, (len(x),))
     costs = EarlyExit(model).depth_flops(x.shape[1:])
     cal = coopnets.calibrate(model, [(x, labels)], target_flops=(costs[0] + costs[-1]) / 2)
     ee = cal.early_exit(model)
     result = ee(x)
-    model.set_depth(-1)
-    t = harness.time_interleaved({"full": lambda: model(x), "early_exit": lambda: ee(x)}, repeats, warmup)
+    fns = {"full": lambda: model.forward_depth(x, model.num_depths), "early_exit": lambda: ee(x)}
+    fns.update({f"depth{d}": (lambda d=d: model.forward_depth(x, d)) for d in range(1, model.num_depths)})
+    t = harness.time_interleaved(fns, repeats, warmup)
     speedup = t.ratio("full", "early_exit")
+    per_depth = [t.median(f"depth{d}") for d in range(1, model.num_depths)] + [t.median("full")]
+    bound = per_depth[-1] / sum(f * ms for f, ms in zip(result.exit_fractions(), per_depth))
+    phases: Dict[str, float] = {}
+    for _ in range(repeats):
+        ee(x, timings=phases)
     return {"exit_fractions": result.exit_fractions(), "flops_saving": result.flops_saving,
             "full_ms": 1e3 * t.median("full"), "early_exit_ms": 1e3 * t.median("early_exit"),
             **ratio_fields("speedup", speedup), "speedup_vs_flops": speedup["median"] / result.flops_saving,
-            "thresholds": cal.thresholds}
+            "latency_bound": bound, "depth_ms": [1e3 * ms for ms in per_depth],
+            "phases_ms": {k: 1e3 * v / repeats for k, v in phases.items()}, "thresholds": cal.thresholds}
 
 
 def verdict(value: float, target: float, higher_is_better: bool = False) -> str:
@@ -124,7 +134,10 @@ def ratio_cell(row: Mapping[str, Any], key: str, fmt: str, unit: str = "") -> st
 
 
 def latency_bound(results: dict, early_exit: dict) -> float:
-    """Speed-up of ``early_exit``'s exit fractions if a sample cost its exit depth's measured eager latency."""
+    """Speed-up of ``early_exit``'s exit fractions if a sample cost its exit depth's measured eager latency
+    (timed beside the early-exit pass; older results: from the per-depth table)."""
+    if "latency_bound" in early_exit:
+        return early_exit["latency_bound"]
     rows = next(b["rows"] for b in results["depths"]
                 if (b["model"], b["mode"], b["batch"]) == (early_exit["model"], "eager", early_exit["batch"]))
     expected = sum(f * r["wrapper_ms"] for f, r in zip(early_exit["exit_fractions"], rows))
@@ -152,9 +165,13 @@ def report_of(results: Mapping[str, Any]) -> harness.Report:
              "and full depth. `speed-up / FLOPs saving` target >= "
              f"{TARGETS['early_exit_vs_flops']} (within 20%).",
              "`latency bound`: the speed-up these exit fractions would give if each sample cost exactly the measured "
-             "eager latency of its exit depth (per-depth table above, same batch size) and compaction, the earlier "
-             "exit heads and the exit decisions cost nothing; it shows how much of the gap to the FLOPs saving comes "
-             "from per-stage latency not tracking FLOPs rather than from the early-exit machinery.")
+             "eager latency of its exit depth (every depth timed interleaved with the early-exit pass, same batch) and "
+             "compaction, the earlier exit heads and the exit decisions cost nothing; it shows how much of the gap to "
+             "the FLOPs saving comes from per-stage latency not tracking FLOPs rather than from the early-exit "
+             f"machinery (target: speed-up >= {TARGETS['early_exit_vs_bound']} x the bound).",
+             "`phases`: where the early-exit pass spends its time (`EarlyExit(x, timings=...)`, mean ms per call): "
+             "the backbone segments, the exit heads of every sample still running, the exit decisions and the "
+             "compaction of the live state.")
     rows = []
     for e in results["early_exit"]:
         bound = latency_bound(results, e)
@@ -164,6 +181,11 @@ def report_of(results: Mapping[str, Any]) -> harness.Report:
                      f"{e['speedup'] / bound:.2f}"])
     rep.table(["model", "batch", "exit fractions", "FLOPs saving", "latency bound", "full ms", "early-exit ms",
                "speed-up", "speed-up / FLOPs saving", "speed-up / latency bound"], rows)
+    phase_rows = [[e["model"], *(f"{e['phases_ms'].get(k, 0.0):.1f} ({100 * e['phases_ms'].get(k, 0.0) / total:.0f} %)"
+                                 for k in PHASES)]
+                  for e in results["early_exit"] if e.get("phases_ms") for total in [sum(e["phases_ms"].values())]]
+    if phase_rows:
+        rep.table(["model", *(f"{k} ms" for k in PHASES)], phase_rows)
     rep.heading("Targets")
     big = max(results["batch_sizes"])
     lines = []
@@ -180,7 +202,9 @@ def report_of(results: Mapping[str, Any]) -> harness.Report:
         lines.append(f"{e['model']} early exit (batch {e['batch']}): speed-up {e['speedup']:.2f}x for a "
                      f"{e['flops_saving']:.2f}x FLOPs saving, ratio {e['speedup_vs_flops']:.2f} "
                      f"({verdict(e['speedup_vs_flops'], TARGETS['early_exit_vs_flops'], True)} >= "
-                     f"{TARGETS['early_exit_vs_flops']}); {e['speedup'] / bound:.2f} of the latency bound {bound:.2f}x")
+                     f"{TARGETS['early_exit_vs_flops']}); {e['speedup'] / bound:.2f} of the latency bound {bound:.2f}x "
+                     f"({verdict(e['speedup'] / bound, TARGETS['early_exit_vs_bound'], True)} >= "
+                     f"{TARGETS['early_exit_vs_bound']})")
     rep.bullets(lines)
     rep.image(f"{NAME}.png", "latency vs depth")
     return rep
@@ -261,5 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # one error policy for every entry point: one line and exit code 2 for a bad input
+    from coopnets.cli.errors import run_entry
+
+    sys.exit(run_entry(main, prog="benchmarks/latency.py"))

@@ -449,3 +449,35 @@ def test_integer_like_depths_are_accepted(depth):
 def test_non_integer_depths_are_rejected(bad):
     with pytest.raises(ValueError, match=r"1\.\.4"):
         coopnets.wrap("test_resnet", num_classes=3).set_depth(bad)
+
+
+def test_at_depth_is_per_thread():
+    """Four threads in their own ``at_depth`` blocks never see each other's depth, and the model's depth is
+    untouched afterwards (before, the model was left at a wrong depth and some forwards ran another depth)."""
+    import threading
+
+    model = coopnets.wrap("test_resnet", num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = {d: model.forward_depth(x, d) for d in range(1, model.num_depths + 1)}
+    errors = []
+    start = threading.Barrier(model.num_depths)
+
+    def worker(depth):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(30):
+                with model.at_depth(depth):
+                    got, seen = model(x), model.depth
+                if seen != depth or not torch.equal(got, want[depth]):
+                    errors.append((depth, seen))
+
+    threads = [threading.Thread(target=worker, args=(d,)) for d in range(1, model.num_depths + 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and model.depth == model.num_depths
+    with model.at_depth(1), model.at_depth(2):  # blocks nest
+        assert model.depth == 2
+    assert model.depth == model.num_depths

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
@@ -80,6 +81,9 @@ def check_thresholds(criterion: str, threshold: Threshold, num_exits: int) -> Li
     """
     if criterion not in CRITERIA:
         raise ValueError(f"Unknown early-exit criterion {criterion!r}; valid criteria: {', '.join(CRITERIA)}.")
+    if isinstance(threshold, (str, bytes)):  # a string is one (wrong) value, not a sequence of per-exit ones
+        raise ValueError(f"Invalid {criterion} threshold {threshold!r}: a threshold is a number, not a string "
+                         f"(e.g. threshold={_example(criterion)}), or a list of one number per exit head.")
     values = list(threshold) if isinstance(threshold, Sequence) else [threshold] * num_exits
     if len(values) != num_exits:
         raise ValueError(
@@ -99,6 +103,10 @@ def check_thresholds(criterion: str, threshold: Threshold, num_exits: int) -> Li
         if not ok:
             raise ValueError(f"Invalid {criterion} threshold {v!r}: each must be {rule}.")
     return values
+
+
+def _example(criterion: str) -> str:
+    return {"confidence": "0.9", "entropy": "0.5", "patience": "2"}.get(criterion, "0.9")
 
 
 def confidence_score(logits: torch.Tensor, criterion: str) -> torch.Tensor:
@@ -164,13 +172,17 @@ class EarlyExitResult:
 
     @property
     def flops_saving(self) -> float:
-        """Full-depth FLOPs of the batch divided by the FLOPs spent (2.0 = half the compute)."""
+        """Full-depth FLOPs of the batch divided by the FLOPs spent (2.0 = half the compute; 1.0 for an
+        empty batch: nothing was run, so nothing was saved)."""
+        if len(self.exit_depths) == 0:
+            return 1.0
         return len(self.exit_depths) * self.depth_flops[-1] / self.total_flops
 
     def exit_fractions(self) -> List[float]:
-        """Share of the batch that left at each depth, shallowest first."""
-        counts = torch.bincount(self.exit_depths - 1, minlength=len(self.depth_flops) or int(self.exit_depths.max()))
-        return (counts.float() / len(self.exit_depths)).tolist()
+        """Share of the batch that left at each depth, shallowest first (all 0 for an empty batch)."""
+        n = len(self.exit_depths)
+        counts = torch.bincount(self.exit_depths - 1, minlength=len(self.depth_flops) or (int(self.exit_depths.max()) if n else 0))
+        return (counts.float() / max(n, 1)).tolist()
 
 
 def simulate(
@@ -209,6 +221,15 @@ def simulate(
     return EarlyExitResult(logits=logits, exit_depths=depths, flops=flops, depth_flops=costs)
 
 
+#: a normalised image stays within a few units of 0; more than this is raw pixels (0..255)
+_RAW_PIXELS = 20.0
+
+
+def _data_cfg(model: "DepthAdaptiveModel", key: str) -> str:
+    value = getattr(model, "pretrained_cfg", {}).get(key)
+    return "as in its pretrained_cfg" if value is None else str(tuple(round(float(v), 3) for v in value))
+
+
 class _PhaseClock:
     """Seconds per phase of an early-exit pass, added to ``timings`` (nothing is timed without it)."""
 
@@ -245,7 +266,13 @@ class EarlyExit:
 
     Raises:
         ValueError: the model's plan cannot leave early, or it has no stage layout and its
-            backbone cannot be cut into segments (the sentence says why).
+            backbone cannot be cut into segments (the sentence says why). A call refuses a
+            model in training mode (BatchNorm would normalise with the statistics of whichever
+            samples are still in the batch: call ``model.eval()``) and an input that is not
+            float images (``uint8`` pixels: convert and normalise them as the model was
+            trained, ``timm.data.resolve_data_config(model=m)`` + ``create_transform``); an
+            empty batch gives an empty result. Float input far outside the normalised range
+            (pixel values 0..255) runs, with a warning.
 
     Example:
         >>> import torch, coopnets
@@ -253,6 +280,9 @@ class EarlyExit:
         >>> out = coopnets.EarlyExit(m, "patience", threshold=1)(torch.randn(2, 3, 64, 64))
         >>> bool((out.exit_depths >= 2).all())  # patience 1 needs two agreeing exits
         True
+        >>> empty = coopnets.EarlyExit(m, "confidence", 0.5)(torch.randn(0, 3, 64, 64))
+        >>> tuple(empty.logits.shape), empty.total_flops, empty.flops_saving
+        ((0, 10), 0, 1.0)
     """
 
     def __init__(
@@ -299,10 +329,13 @@ class EarlyExit:
         benchmarks that ask where the time goes.
         """
         model = self.model
-        model.check_input(x)
+        self.check_call(x)
         n, num_exits = x.shape[0], model.num_depths - 1
         runner = self.runner(x.shape[1:])
         costs = runner.depth_flops(x.shape[1:], model.exits)
+        if n == 0:  # nothing to run: an empty result of the right shapes
+            return EarlyExitResult(logits=x.new_empty(0, model.num_classes), exit_depths=torch.zeros(0, dtype=torch.long,
+                                   device=x.device), flops=torch.zeros(0, dtype=torch.long, device=x.device), depth_flops=costs)
         clock = _PhaseClock(timings)
         out: Optional[torch.Tensor] = None
         depths = torch.full((n,), model.num_depths, dtype=torch.long, device=x.device)
@@ -341,6 +374,24 @@ class EarlyExit:
             clock.lap("backbone")
         flops = torch.tensor(costs, dtype=torch.long, device=x.device)[depths - 1]
         return EarlyExitResult(logits=out, exit_depths=depths, flops=flops, depth_flops=costs)
+
+    def check_call(self, x: torch.Tensor) -> None:
+        """Refuse what would give wrong answers deep inside the network (see the class's ``Raises``)."""
+        model = self.model
+        if model.training:
+            raise ValueError("EarlyExit needs the model in eval mode (model.eval()): in training mode BatchNorm would "
+                             "normalise with the statistics of the samples still in the batch and Dropout would drop.")
+        model.check_input(x)
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"EarlyExit input dtype {x.dtype}: the model takes float images normalised as it was "
+                             f"trained (mean {_data_cfg(model, 'mean')}, std {_data_cfg(model, 'std')}); convert "
+                             f"uint8 pixels with x.float() / 255 and normalise (timm.data.resolve_data_config(model=m) "
+                             f"+ create_transform gives the model's own preprocessing).")
+        if x.numel() and float(x.detach().abs().amax()) > _RAW_PIXELS:
+            warnings.warn(f"EarlyExit input reaches {float(x.detach().abs().amax()):.4g}: the model was trained on "
+                          f"normalised images (mean {_data_cfg(model, 'mean')}, std {_data_cfg(model, 'std')}, values "
+                          f"within a few units of 0), so raw 0..255 pixels give meaningless predictions and exits.",
+                          UserWarning, stacklevel=3)
 
     def simulate(self, all_logits: Sequence[torch.Tensor], image_size: Optional[Sequence[int]] = None) -> EarlyExitResult:
         """This policy applied to every depth's logits (see :func:`simulate`); FLOPs when ``image_size`` (C, H, W) is given."""

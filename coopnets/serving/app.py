@@ -9,7 +9,7 @@ Two deployments form the application ``coopnets`` (route prefix ``/``):
     served it, so ``GET /stats`` aggregates over all replicas; the number of live replicas
     comes from Ray Serve's own status (``serve.status()``).
 ``CoopnetsModel`` (``num_replicas`` replicas, or Ray Serve autoscaling)
-    decodes and checks the image (:func:`decode_image`), preprocesses it as the
+    decodes and checks the image (:func:`~coopnets.serving.images.decode_image`), preprocesses it as the
     checkpoint's ``pretrained_cfg`` says (``timm.data.resolve_data_config(model=m)`` +
     ``timm.data.create_transform``), and queues it for ``@serve.batch``. Each batch goes to
     this replica's :class:`~coopnets.serving.DepthController`, with every request's wait
@@ -26,25 +26,11 @@ batching and the forward pass. SLO attainment is the share of answered requests 
 Ray is imported only inside the functions and methods that need it, so this module (and
 ``import coopnets``) works without ``ray[serve]`` installed.
 
-Example:
-    >>> import io
-    >>> from PIL import Image
-    >>> buf = io.BytesIO(); Image.new("L", (4, 3), 128).save(buf, format="PNG")
-    >>> decode_image(buf.getvalue()).mode, decode_image(buf.getvalue()).size
-    ('RGB', (4, 3))
-    >>> decode_image(b"hello")
-    Traceback (most recent call last):
-    ...
-    coopnets.serving.app.BadRequest: 400: the body is not an image (it starts with b'hello'): POST one PNG or JPEG file
-    >>> stats = ServingStats(slo_ms=100, num_depths=2)
-    >>> stats.record(40.0, depth=1, replica="a"); stats.record(150.0, depth=2, replica="b"); stats.record_error(413)
-    >>> s = stats.summary(); s["requests"], s["slo_attainment"], s["depth_histogram"], s["errors"]
-    (2, 0.5, {'1': 1, '2': 1}, 1)
+Request checking is :mod:`.images`, the statistics :mod:`.stats`.
 """
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
 import json
 import math
@@ -56,9 +42,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import deque
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+from .images import BadRequest, decode_image
+from .stats import ServingStats, json_safe
 
 if TYPE_CHECKING:
     from ..models.depth_adaptive import DepthAdaptiveModel
@@ -66,148 +54,8 @@ if TYPE_CHECKING:
 APP_NAME = "coopnets"
 INGRESS_NAME = "CoopnetsIngress"
 MODEL_NAME = "CoopnetsModel"
-#: image formats served, by their file signature
-SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
-#: other formats recognised only to say that they are not served (415)
-OTHER_SIGNATURES = {b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
-                    b"RIFF": "RIFF/WebP", b"\x00\x00\x01\x00": "ICO", b"%PDF": "PDF"}
-#: 8-bit PIL modes converted to RGB; anything else (16-bit "I;16", 32-bit "I"/"F", "CMYK", "YCbCr"...) is a 415
-SERVED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
 #: an oversized body is still read (and dropped) up to this many times the limit, so the client gets its 413
 DRAIN_FACTOR = 8
-#: latencies kept for the percentiles of ``/stats`` (the counts and attainment are exact over all requests)
-LATENCY_WINDOW = 100_000
-
-
-# --- request checking -------------------------------------------------------------------------
-class BadRequest(ValueError):
-    """A request the server refuses: ``status`` (4xx) and a one-line ``message``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"{status}: {message}")
-        self.status, self.message = int(status), " ".join(message.split())
-
-
-def decode_image(body: bytes, max_bytes: int = 10 * 2**20, max_pixels: int = 40_000_000):
-    """The PNG or JPEG image in ``body`` as an 8-bit RGB ``PIL.Image``; :class:`BadRequest` for anything else.
-
-    400: empty, not an image, truncated or undecodable; 413: over ``max_bytes`` or
-    ``max_pixels``; 415: another image format, a 16-bit PNG, or a mode other than
-    :data:`SERVED_MODES` (e.g. a CMYK JPEG).
-    """
-    from PIL import Image
-
-    if not body:
-        raise BadRequest(400, "empty body: POST one PNG or JPEG image as the request body")
-    if len(body) > max_bytes:
-        raise BadRequest(413, f"the body is {len(body)} bytes, over the limit of {max_bytes} bytes")
-    fmt = next((name for sig, name in SIGNATURES.items() if body.startswith(sig)), None)
-    if fmt is None:
-        other = next((name for sig, name in OTHER_SIGNATURES.items() if body.startswith(sig)), None)
-        if other is not None:
-            raise BadRequest(415, f"{other} images are not served: POST a PNG or JPEG image")
-        raise BadRequest(400, f"the body is not an image (it starts with {body[:8]!r}): POST one PNG or JPEG file")
-    if fmt == "PNG" and len(body) >= 26 and body[12:16] == b"IHDR" and body[24] > 8:
-        raise BadRequest(415, f"{body[24]}-bit PNG images are not served: POST an 8-bit PNG or a JPEG")
-    try:
-        image = Image.open(io.BytesIO(body), formats=[fmt])
-    except Image.DecompressionBombError as e:
-        raise BadRequest(413, f"the image is too large to decode ({e})") from e
-    except Exception as e:  # PIL raises several types for broken files
-        raise BadRequest(400, f"the body is not a readable {fmt} image ({type(e).__name__}: {e})") from e
-    width, height = image.size
-    if width * height > max_pixels:
-        raise BadRequest(413, f"the image is {width}x{height} pixels, over the limit of {max_pixels} pixels")
-    if image.mode not in SERVED_MODES:
-        kind = "CMYK" if image.mode == "CMYK" else f"mode {image.mode}"
-        raise BadRequest(415, f"{kind} {fmt} images are not served: POST an 8-bit RGB, RGBA, grayscale or palette image")
-    try:
-        image.load()
-        return image.convert("RGB")
-    except Exception as e:
-        raise BadRequest(400, f"the {fmt} image could not be decoded ({type(e).__name__}: {e})") from e
-
-
-# --- statistics (held by the ingress) ---------------------------------------------------------
-class ServingStats:
-    """Counts and latencies of the answered requests, over all replicas.
-
-    ``requests`` counts answered predictions; refused or failed ones are ``errors``
-    (by status in ``errors_by_status``). ``p50_ms``/``p99_ms`` are over the last
-    :data:`LATENCY_WINDOW` requests; ``slo_attainment`` and the histograms over all.
-    """
-
-    def __init__(self, slo_ms: float, num_depths: int, window: int = LATENCY_WINDOW) -> None:
-        self.slo_ms, self.num_depths = float(slo_ms), int(num_depths)
-        self.requests = self.on_time = 0
-        self.depth_histogram: Dict[int, int] = {d: 0 for d in range(1, self.num_depths + 1)}
-        self.errors_by_status: Dict[int, int] = {}
-        self.latencies: Deque[float] = deque(maxlen=window)
-        self.latency_sum = 0.0
-        self.per_replica: Dict[str, Dict[str, Any]] = {}
-        self.started = time.time()
-
-    def record(self, latency_ms: float, depth: int, replica: str, controller: Optional[Dict[str, Any]] = None,
-               batch_size: int = 1) -> None:
-        self.requests += 1
-        self.on_time += latency_ms <= self.slo_ms
-        self.latencies.append(latency_ms)
-        self.latency_sum += latency_ms
-        self.depth_histogram[depth] = self.depth_histogram.get(depth, 0) + 1
-        rep = self.per_replica.setdefault(replica, {
-            "requests": 0, "on_time": 0, "batch_size_sum": 0, "depth_histogram": {d: 0 for d in self.depth_histogram}})
-        rep["requests"] += 1
-        rep["on_time"] += latency_ms <= self.slo_ms
-        rep["batch_size_sum"] += batch_size
-        rep["depth_histogram"][depth] = rep["depth_histogram"].get(depth, 0) + 1
-        if controller is not None:
-            rep["controller"] = controller
-
-    def record_error(self, status: int) -> None:
-        self.errors_by_status[status] = self.errors_by_status.get(status, 0) + 1
-
-    def summary(self) -> Dict[str, Any]:
-        lat = sorted(self.latencies)
-
-        def pct(q: float) -> Optional[float]:
-            if not lat:
-                return None
-            return round(lat[min(len(lat) - 1, max(0, math.ceil(q * len(lat)) - 1))], 3)
-
-        per_replica = {
-            rid: {
-                "requests": r["requests"],
-                "slo_attainment": r["on_time"] / r["requests"],
-                "mean_batch_size": r["batch_size_sum"] / r["requests"],
-                "depth_histogram": {str(d): n for d, n in sorted(r["depth_histogram"].items())},
-                **({"controller": _json_safe(r["controller"])} if "controller" in r else {}),
-            }
-            for rid, r in sorted(self.per_replica.items())
-        }
-        return {
-            "requests": self.requests,
-            "slo_ms": self.slo_ms,
-            "slo_attainment": self.on_time / self.requests if self.requests else None,
-            "p50_ms": pct(0.50),
-            "p99_ms": pct(0.99),
-            "mean_ms": round(self.latency_sum / self.requests, 3) if self.requests else None,
-            "depth_histogram": {str(d): n for d, n in sorted(self.depth_histogram.items())},
-            "errors": sum(self.errors_by_status.values()),
-            "errors_by_status": {str(s): n for s, n in sorted(self.errors_by_status.items())},
-            "per_replica": per_replica,
-            "uptime_s": round(time.time() - self.started, 1),
-        }
-
-
-def _json_safe(obj: Any) -> Any:
-    """``obj`` with dict keys as strings and non-finite floats as ``None`` (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -339,7 +187,7 @@ class Ingress:
     def _json(payload: Dict[str, Any], status: int = 200):
         from starlette.responses import JSONResponse
 
-        return JSONResponse(_json_safe(payload), status_code=status)
+        return JSONResponse(json_safe(payload), status_code=status)
 
     def _error(self, status: int, message: str, count: bool = True):
         if count:
