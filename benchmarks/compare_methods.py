@@ -153,5 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # one error policy for every entry point: one line and exit code 2 for a bad input
+    from coopnets.cli.errors import run_entry
+
+    sys.exit(run_entry(main, prog="benchmarks/compare_methods.py"))

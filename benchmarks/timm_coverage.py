@@ -19,6 +19,7 @@ with a reason past it).
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import multiprocessing as mp
 import time
@@ -244,5 +245,7 @@ def main(argv=None):
     print(json.dumps(counts), f"of {len(picked)} modules")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # one error policy for every entry point: one line and exit code 2 for a bad input
+    from coopnets.cli.errors import run_entry
+
+    sys.exit(run_entry(main, prog="benchmarks/timm_coverage.py"))

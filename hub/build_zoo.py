@@ -5,10 +5,13 @@ from the timm tag's pretrained weights, with the Leader as a fixed pretrained te
 (``--recipe-opt fixed_leader=True``); evaluates every depth on the validation split
 (accuracy, params, FLOPs and latency, with device and batch size); writes the checkpoint
 folder with its card (model-index per depth, the exact training command, preprocessing,
-the source tag and its license); pushes it to ``--repo-id`` and records the pinned commit
-in the manifest (``coopnets/hub/manifest.json``), which makes ``coop_<name>.<tag>`` a
-pretrained tag. ``--dry-run`` does everything but the push and the manifest update: it
-writes the record it would add to ``OUT/zoo_record.json``.
+the source tag and its license); checks everything (:func:`check_before_publishing`: the
+structure is the zoo entry's, the checkpoint reloads strictly through the zoo entry's
+builder, the manifest record is complete, the manifest file is readable) and only then
+pushes it to ``--repo-id`` and records the pinned commit in the manifest
+(``coopnets/hub/manifest.json``), which makes ``coop_<name>.<tag>`` a pretrained tag.
+``--dry-run`` does everything but the push and the manifest update: it writes the record it
+would add to ``OUT/zoo_record.json``.
 
 It is torchrun-ready: under ``torchrun --nproc_per_node=N hub/build_zoo.py ...`` every
 rank trains (DDP), rank 0 evaluates, writes and pushes.
@@ -33,6 +36,7 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 import coopnets
 from coopnets.cli.train import add_arguments as add_train_arguments
 from coopnets.cli.train import config_from_args
+from coopnets.cli.errors import run_entry
 from coopnets.hub import CheckpointError, HubLocation, push_to_hub, read_config
 from coopnets.hub.manifest import MANIFEST_PATH, add_checkpoint, checkpoint_record
 from coopnets.models.plans import structure_keys
@@ -40,8 +44,8 @@ from coopnets.train import train
 
 
 def fail(message: str) -> int:
-    print(f"build_zoo: error: {message}", file=sys.stderr)
-    return 2
+    """An expected failure: raised for the one error policy (:func:`coopnets.cli.errors.run_entry`) to report."""
+    raise ValueError(message) from None
 
 
 def check_source(zoo_name: str, source: str) -> Optional[str]:
@@ -71,7 +75,7 @@ def zoo_record(folder: Path, zoo_name: str, tag: str, hf_hub_id: str, source: st
     config = read_config(HubLocation.local(folder))
     zoo = timm.create_model(zoo_name, num_classes=config["num_classes"], pretrained=False)
     structure = {k: zoo.model_args().get(k) for k in structure_keys()}
-    recorded = {k: config["model_args"].get(k) for k in structure_keys()}
+    recorded = {k: {**config["model_args"], "num_classes": config["num_classes"]}.get(k) for k in structure_keys()}
     if json.loads(json.dumps(structure)) != recorded:
         raise CheckpointError(f"{folder}: its structure {recorded} is not the zoo entry's {structure}; "
                               f"train without structure-changing --model-kwargs")
@@ -80,7 +84,30 @@ def zoo_record(folder: Path, zoo_name: str, tag: str, hf_hub_id: str, source: st
     return record
 
 
+def check_before_publishing(folder: Path, zoo_name: str, tag: str, source: str, manifest: Path) -> Dict:
+    """Every check, before anything is published: the manifest record of the checkpoint in ``folder``
+    (structure of the zoo entry, measured per-depth table and training record: :func:`zoo_record`),
+    a strict reload through the zoo entry's own builder (architecture, structure, every key and
+    shape), and a readable manifest file. Returns the record with a placeholder commit."""
+    record = zoo_record(folder, zoo_name, tag, f"ORG/NAME@{'0' * 40}", source)
+    config = read_config(HubLocation.local(folder))
+    overlay = {"file": str(folder), "hf_hub_id": None}
+    coopnets.create_model(zoo_name, pretrained=True, num_classes=config["num_classes"],
+                          **config["model_args"], pretrained_cfg_overlay=overlay)
+    if manifest.exists():
+        try:
+            json.loads(manifest.read_text())["checkpoints"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{manifest} is not a readable manifest ({e!r}); fix it before publishing") from e
+    return record
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python hub/build_zoo.py ...``; every expected failure is one line on stderr and exit code 2."""
+    return run_entry(build, argv, prog="build_zoo")
+
+
+def build(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
@@ -115,12 +142,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not summary:  # ranks other than 0 under torchrun: rank 0 evaluates, writes and pushes
         return 0
     folder = args.out / "model"
-    hf_hub_id = f"{args.repo_id or 'ORG/NAME'}@{'0' * 40 if args.dry_run else ''}"
     try:
+        record = check_before_publishing(folder, args.zoo_name, tag, args.source, args.manifest)
+        record["hf_hub_id"] = f"{args.repo_id or 'ORG/NAME'}@{'0' * 40}"
         if not args.dry_run:
-            hf_hub_id = f"{args.repo_id}@{push_to_hub(folder, args.repo_id, token=args.token).oid}"
-        record = zoo_record(folder, args.zoo_name, tag, hf_hub_id, args.source)
-    except CheckpointError as e:
+            record["hf_hub_id"] = f"{args.repo_id}@{push_to_hub(folder, args.repo_id, token=args.token).oid}"
+    except (CheckpointError, ValueError) as e:
         return fail(str(e))
     if args.dry_run:
         (args.out / "zoo_record.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -35,9 +35,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     folder = checkpoint_folder(args.run_dir)
     config = read_config(HubLocation.local(folder))
+    # the record is built (and so checked: measured table, training record) before anything is pushed
+    record = checkpoint_record(config, config["architecture"], args.tag, f"{args.repo_id}@{args.revision}")
     if args.revision is None:
         args.revision = push_to_hub(folder, args.repo_id, token=args.token).oid
-    record = checkpoint_record(config, config["architecture"], args.tag, f"{args.repo_id}@{args.revision}")
+        record["hf_hub_id"] = f"{args.repo_id}@{args.revision}"
     add_checkpoint(record, args.manifest)
     print(f"recorded {record['model']}.{record['tag']} -> {record['hf_hub_id']} in {args.manifest}")
     print(json.dumps(record["per_depth"], indent=1))

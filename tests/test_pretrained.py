@@ -59,7 +59,8 @@ def test_checkpoint_folder_holds_timm_config_coop_section_and_card(tmp_path):
     coop = config["coopnets"]
     args = config["model_args"]
     assert (args["plan"], coop["num_depths"], args["exit_indices"], args["head"]) == ("exits", 4, [1, 2, 3], "conv")
-    assert coop["format_version"] == 2 and coop["backbone"] == "resnet18"
+    assert coop["format_version"] == 3 and coop["backbone"] == "resnet18"
+    assert "num_classes" not in args  # at the root only: timm and transformers pass it from there
     assert not {"plan", "exit_indices", "head", "block_depths", "backbone_kwargs"} & set(coop)  # structure recorded once
     assert coop["per_depth"] == rows() and coop["training"] == TRAINING
 

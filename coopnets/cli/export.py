@@ -6,7 +6,9 @@ written by ``coopnets.save_pretrained``, a Hub checkpoint ``hf-hub:ORG/NAME[@REV
 untrained). The example input is the checkpoint's own ``input_size`` unless ``--img-size``
 is given. ONNX files get a dynamic batch and, where the model allows, a dynamic height
 and width (the output says which); side files (``.onnx.data``) are named. ONNX files are
-checked against PyTorch with onnxruntime when it is installed.
+checked against PyTorch with onnxruntime when it is installed. The file records how to feed
+it (:func:`coopnets.inference.export.export_metadata`: input size, mean, std, interpolation,
+crop, label names, depth) in its ONNX ``metadata_props`` or safetensors header.
 
 Example:
     coopnets export runs/r18 --depth 3 --format onnx --out r18_d3.onnx
@@ -20,9 +22,11 @@ import os
 import warnings
 
 from ..hub import CheckpointError, HubLocation
-from ..inference.export import FORMATS, check_onnx, describe_onnx_input, example_input, output_files, save
+from ..inference.export import (FORMATS, check_onnx, describe_onnx_input, example_input, example_name, export_metadata,
+                                output_files, save)
 from ..models import DepthAdaptiveModel, create_model, is_model
 from ._run_folder import checkpoint_folder
+from .errors import bad_value
 
 SOURCES = "a run folder, a checkpoint folder, hf-hub:ORG/NAME[@REV], local-dir:PATH or a zoo model name"
 
@@ -58,11 +62,22 @@ def load_source(source: str, num_classes: "int | None" = None) -> DepthAdaptiveM
     return model.eval()
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before the model is loaded or anything written, an ``--out`` that is a folder and sizes < 1."""
+    if os.path.isdir(args.out):
+        raise bad_value("--out", args.out, f"is a folder; give the file to write, e.g. "
+                                           f"{os.path.join(args.out, example_name(args.format, args.depth))}")
+    for flag, value in (("--num-classes", args.num_classes), ("--img-size", args.img_size)):
+        if value is not None and value < 1:
+            raise bad_value(flag, value, "must be >= 1")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     model = load_source(args.model, args.num_classes)
     module = model.export(args.depth)  # a bad depth fails here, before anything is written
     example = example_input(model, args.img_size)
-    meta = {"source": args.model, "depth": args.depth, "num_depths": model.num_depths, "plan": model.plan}
+    meta = {"source": args.model, **export_metadata(model, args.depth)}  # preprocessing, labels, depth
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace / save deprecation notices
         path = save(module, args.out, args.format, example, meta)

@@ -61,8 +61,10 @@ import json
 import math
 import os
 import sys
+import warnings
 from typing import Any, Dict, List, Optional
 
+from .errors import bad_value
 from .export import SOURCES, load_source
 
 #: defaults of ``--num-replicas auto`` (Ray Serve AutoscalingConfig fields; ``--autoscaling-config`` overrides)
@@ -90,10 +92,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=None, help="classes of an (untrained) zoo model")
 
 
-def _bad(setting: str, value: Any, valid: str) -> ValueError:
-    return ValueError(f"{setting} {value}: {valid}")
-
-
 def _num_replicas(value: str) -> Optional[int]:
     """``--num-replicas``: a positive int, or ``None`` for 'auto'."""
     if str(value).strip().lower() == "auto":
@@ -103,7 +101,7 @@ def _num_replicas(value: str) -> Optional[int]:
     except ValueError:
         n = 0
     if n < 1:
-        raise _bad("--num-replicas", value, "must be a positive integer or 'auto'")
+        raise bad_value("--num-replicas", value, "must be a positive integer or 'auto'")
     return n
 
 
@@ -111,13 +109,13 @@ def _autoscaling(args: argparse.Namespace, num_replicas: Optional[int]) -> Optio
     if args.autoscaling_config is None:
         return None if num_replicas else {**AUTOSCALING_DEFAULTS, "target_ongoing_requests": args.max_batch_size}
     if num_replicas:
-        raise _bad("--num-replicas", num_replicas, "fixes the replica count; with --autoscaling-config give --num-replicas auto")
+        raise bad_value("--num-replicas", num_replicas, "fixes the replica count; with --autoscaling-config give --num-replicas auto")
     try:
         given = json.loads(args.autoscaling_config)
     except json.JSONDecodeError as e:
         given = e
     if not isinstance(given, dict):
-        raise _bad("--autoscaling-config", repr(args.autoscaling_config),
+        raise bad_value("--autoscaling-config", repr(args.autoscaling_config),
                    "must be a JSON object of Ray Serve AutoscalingConfig fields, e.g. '{\"max_replicas\": 4}'")
     config = {**AUTOSCALING_DEFAULTS, "target_ongoing_requests": args.max_batch_size, **given}
     from ray.serve.config import AutoscalingConfig
@@ -125,7 +123,7 @@ def _autoscaling(args: argparse.Namespace, num_replicas: Optional[int]) -> Optio
     try:
         AutoscalingConfig(**config)
     except Exception as e:  # pydantic's ValidationError: several lines, folded by the CLI
-        raise _bad("--autoscaling-config", repr(args.autoscaling_config), f"not a valid Ray Serve AutoscalingConfig ({e})") from None
+        raise bad_value("--autoscaling-config", repr(args.autoscaling_config), f"not a valid Ray Serve AutoscalingConfig ({e})") from None
     return config
 
 
@@ -138,8 +136,8 @@ def check_ray() -> None:
                           f"pip install 'coopnets[serve]'") from None
 
 
-def accuracies_for(model: Any, log, quiet: bool = False) -> List[float]:
-    """The checkpoint's recorded per-depth accuracies, or increasing ones (prefer deeper) with a log line."""
+def accuracies_for(model: Any, quiet: bool = False) -> List[float]:
+    """The checkpoint's recorded per-depth accuracies, or increasing ones (prefer deeper) with a one-line warning."""
     from ..serving import checkpoint_accuracies
 
     try:
@@ -147,7 +145,7 @@ def accuracies_for(model: Any, log, quiet: bool = False) -> List[float]:
     except ValueError as e:
         if not quiet:
             why = " ".join(str(e).split(";")[0].split())
-            log(f"no per-depth accuracy table ({why}); serving with accuracies increasing with depth, i.e. the "
+            warnings.warn(f"no per-depth accuracy table ({why}); serving with accuracies increasing with depth, i.e. the "
                 f"deepest depth that meets the SLO. Record one with `coopnets train` or "
                 f"coopnets.save_pretrained(model, path, per_depth=rows).")
         return [d / model.num_depths for d in range(1, model.num_depths + 1)]
@@ -159,23 +157,23 @@ def log(message: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.slo_ms) and args.slo_ms > 0):
-        raise _bad("--slo-ms", args.slo_ms, "must be a number of milliseconds > 0")
+        raise bad_value("--slo-ms", args.slo_ms, "must be a number of milliseconds > 0")
     if not 1 <= args.port <= 65535:
-        raise _bad("--port", args.port, "out of range: valid ports are 1..65535")
+        raise bad_value("--port", args.port, "out of range: valid ports are 1..65535")
     if args.max_batch_size < 1:
-        raise _bad("--max-batch-size", args.max_batch_size, "must be >= 1")
+        raise bad_value("--max-batch-size", args.max_batch_size, "must be >= 1")
     if args.batch_wait_ms is not None and not (math.isfinite(args.batch_wait_ms) and args.batch_wait_ms >= 0):
-        raise _bad("--batch-wait-ms", args.batch_wait_ms, "must be a number of milliseconds >= 0")
+        raise bad_value("--batch-wait-ms", args.batch_wait_ms, "must be a number of milliseconds >= 0")
     if not (math.isfinite(args.replica_cpus) and args.replica_cpus > 0):
-        raise _bad("--replica-cpus", args.replica_cpus, "must be > 0")
+        raise bad_value("--replica-cpus", args.replica_cpus, "must be > 0")
     if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
-        raise _bad("--max-body-mb", args.max_body_mb, "must be > 0")
+        raise bad_value("--max-body-mb", args.max_body_mb, "must be > 0")
     num_replicas = _num_replicas(args.num_replicas)
     check_ray()
     autoscaling = _autoscaling(args, num_replicas)
     model = load_source(args.model, args.num_classes)
     if args.depth is not None and not 1 <= args.depth <= model.num_depths:
-        raise _bad("--depth", args.depth, f"out of range: valid depths of {args.model} are 1..{model.num_depths}")
+        raise bad_value("--depth", args.depth, f"out of range: valid depths of {args.model} are 1..{model.num_depths}")
 
     from ..serving.app import ServeSettings, check_port_free, serve_forever
 
@@ -185,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         slo_ms=args.slo_ms, max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms if args.batch_wait_ms is not None else min(5.0, args.slo_ms / 20),
-        depth=args.depth, accuracies=tuple(accuracies_for(model, log, quiet=args.depth is not None)),
+        depth=args.depth, accuracies=tuple(accuracies_for(model, quiet=args.depth is not None)),
         num_replicas=num_replicas, autoscaling_config=autoscaling, replica_cpus=args.replica_cpus,
         max_body_bytes=int(args.max_body_mb * 2**20),
     )
@@ -194,5 +192,4 @@ def run(args: argparse.Namespace) -> int:
     try:
         return serve_forever(model, settings, args.model, args.host, args.port, address=address, log=log)
     except TimeoutError as e:
-        log(f"error: {' '.join(str(e).split())}")
-        return 1
+        raise bad_value("--address", address or "(local Ray)", f"Ray Serve did not come up: {' '.join(str(e).split())}") from None

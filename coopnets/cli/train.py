@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
-import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type
 
 from .. import __version__
 from ..models import PLANS
 from ..train.best import EVAL_METRICS
-from ..train.config import AMP_DTYPES, CLIP_MODES, TrainConfig
+from ..train.config import AMP_DTYPES, CLIP_MODES, LR_BASE_SCALES, MIXUP_MODES, RE_MODES, TrainConfig
 from ..train.data import DATASETS
 from ..train.recipe import RECIPES
 from ..train import train
+from ..train.checks import check_config
+from ..train.fields import field_problems, field_types, fits
+from .errors import run_entry
 
 DEFAULTS = TrainConfig()
 
@@ -138,6 +142,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="force a device (cpu, cuda, cuda:1)")
     parser.add_argument("--profile-repeats", type=int, default=d.profile_repeats, help="timed passes per depth")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    _add_timm_flags(parser)
+
+
+def _add_timm_flags(parser: argparse.ArgumentParser) -> None:
+    """timm ``train.py``'s flags of regularisation, augmentation, mixup, optimiser, data, model and tracking,
+    with timm's names, meanings and (where they keep a run without them as it was) defaults; each reaches
+    timm's own implementation (:mod:`coopnets.train.timm_flags`)."""
+    d = DEFAULTS
+    add = parser.add_argument
+    add("--drop", type=float, default=None, metavar="PCT", help="dropout rate (timm's drop_rate; default: the model's)")
+    add("--drop-path", type=float, default=None, metavar="PCT", help="drop path rate (timm's drop_path_rate)")
+    add("--drop-block", type=float, default=None, metavar="PCT", help="drop block rate (timm's drop_block_rate)")
+    add("--bn-momentum", type=float, default=None, help="BatchNorm momentum override")
+    add("--bn-eps", type=float, default=None, help="BatchNorm epsilon override (timm's bn_eps: EfficientNet/MobileNet)")
+    add("--aa", default=None, metavar="NAME", help="auto-augment policy (rand-m9-mstd0.5, augmix-m5-w4-d2, v0, original)")
+    add("--reprob", type=float, default=d.reprob, metavar="PCT", help="random erase probability")
+    add("--remode", default=d.remode, choices=RE_MODES, help="random erase mode")
+    add("--recount", type=int, default=d.recount, help="random erase count")
+    add("--scale", type=float, nargs="+", default=d.scale, metavar="PCT", help="random resize scale")
+    add("--ratio", type=float, nargs="+", default=d.ratio, metavar="RATIO", help="random resize aspect ratio")
+    add("--hflip", type=float, default=d.hflip, help="horizontal flip probability")
+    add("--vflip", type=float, default=d.vflip, help="vertical flip probability")
+    add("--color-jitter", type=float, default=d.color_jitter, metavar="PCT", help="color jitter factor")
+    add("--train-interpolation", default=None,
+        help="training interpolation (random, bilinear, bicubic...; default: the data config's)")
+    add("--no-aug", action="store_true", help="disable all training augmentation, overriding the other flags")
+    add("--aug-repeats", type=float, default=d.aug_repeats, help="repeated augmentation count (timm's RepeatAugSampler)")
+    add("--mixup-prob", type=float, default=d.mixup_prob, help="probability of mixup or cutmix per batch")
+    add("--mixup-switch-prob", type=float, default=d.mixup_switch_prob,
+        help="probability of cutmix instead of mixup when both are on")
+    add("--mixup-mode", default=d.mixup_mode, choices=MIXUP_MODES, help="mixup/cutmix parameters per batch, pair or elem")
+    add("--mixup-off-epoch", type=int, default=d.mixup_off_epoch, metavar="N",
+        help="turn mixup/cutmix off from this epoch (0: never)")
+    add("--cutmix-minmax", type=float, nargs="+", default=None,
+        help="cutmix min/max ratio (overrides alpha, enables cutmix)")
+    add("--opt-eps", type=float, default=None, metavar="EPSILON", help="optimizer epsilon (default: the optimizer's)")
+    add("--opt-betas", type=float, nargs="+", default=None, metavar="BETA",
+        help="optimizer betas (default: the optimizer's)")
+    add("--opt-kwargs", nargs="*", action=_Extend, default=[], metavar="KEY=VALUE", help="extra optimizer arguments")
+    add("--lr-base", type=float, default=d.lr_base, metavar="LR",
+        help="base lr, used when --lr is not given: lr = lr_base * global batch / lr_base_size")
+    add("--lr-base-size", type=int, default=d.lr_base_size, metavar="DIV", help="batch size of --lr-base")
+    add("--lr-base-scale", default=d.lr_base_scale, choices=LR_BASE_SCALES, metavar="SCALE",
+        help="linear or sqrt scaling of --lr-base (empty: sqrt for ada*/lamb, else linear)")
+    add("--cooldown-epochs", type=int, default=d.cooldown_epochs, metavar="N",
+        help="epochs at min_lr after a cyclic schedule ends (trained after --epochs)")
+    add("--sched-on-updates", action="store_true", help="step the lr schedule every optimizer update, not every epoch")
+    add("--input-size", type=int, nargs=3, default=None, metavar="N", help="C H W of the input (overrides --img-size)")
+    add("--crop-pct", type=float, default=None, metavar="N", help="eval center crop fraction")
+    add("--mean", type=float, nargs="+", default=None, metavar="MEAN", help="normalisation mean (default: the data's)")
+    add("--std", type=float, nargs="+", default=None, metavar="STD", help="normalisation std (default: the data's)")
+    add("--interpolation", default=None, metavar="NAME", help="resize interpolation (default: the model's or data's)")
+    add("--train-split", default=d.train_split, metavar="NAME", help="train split folder under --data-dir")
+    add("--val-split", default=d.val_split, metavar="NAME", help="validation split folder under --data-dir")
+    add("--class-map", default=None, metavar="FILENAME", help="class-to-index file (.txt: a class per line; .pkl)")
+    add("--in-chans", type=int, default=None, metavar="N", help="image input channels (default: 3)")
+    add("--gp", default=None, metavar="POOL", help="global pool type (avg, max, avgmax, fast; default: the model's)")
+    add("--grad-checkpointing", action="store_true", help="gradient checkpointing through blocks and stages")
+    add("--head-init-scale", type=float, default=None, help="scale of the classifiers' initial weights and biases")
+    add("--log-wandb", action="store_true", help="log the run to Weights & Biases (WANDB_MODE=offline works)")
+    add("--experiment", default=None, metavar="NAME", help="name of the run (wandb's; default --out: runs/NAME)")
+    add("--wandb-project", default=None, help="wandb project (default: wandb's)")
+    add("--wandb-tags", nargs="+", default=None, help="wandb tags")
 
 
 def _yaml_settings(path: str) -> Dict[str, Any]:
@@ -155,6 +222,18 @@ def _yaml_settings(path: str) -> Dict[str, Any]:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"--config {path}: unknown setting(s) {unknown}; valid: {sorted(names)}.")
+    types = field_types(TrainConfig)
+    for key, value in values.items():  # YAML 1.1 reads 1e-3 as a string: a number setting takes it as the number
+        if isinstance(value, str) and key in types and not fits(value, types[key]) and fits(1.0, types[key]):
+            with contextlib.suppress(ValueError):
+                values[key] = float(value)
+    options = ("recipe_opt", "recipe_opts", "model_kwargs", "opt_kwargs")
+    problems = field_problems(TrainConfig, {k: v for k, v in values.items() if k not in options})
+    for key in options:
+        if key in values and not isinstance(values[key], (dict, list) if key not in ("model_kwargs", "opt_kwargs") else dict):
+            problems.append(f"{key} must be a mapping of options (got {values[key]!r})")
+    if problems:
+        raise ValueError(f"--config {path}: {'; '.join(problems)}.")
     return values
 
 
@@ -163,33 +242,73 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     explicit = getattr(args, "_explicit", set())
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     recipe_opt, model_kwargs = list(getattr(args, "recipe_opt", [])), list(getattr(args, "model_kwargs", []))
+    opt_kwargs = list(getattr(args, "opt_kwargs", []))
+    given = set(explicit)
     if getattr(args, "config", None):
         for key, value in _yaml_settings(args.config).items():
+            given.add(key)
             if key == "recipe_opts" or key == "recipe_opt":
                 recipe_opt = [*(f"{k}={v!r}" for k, v in dict(value).items()), *recipe_opt] \
                     if isinstance(value, dict) else [*value, *recipe_opt]
             elif key == "model_kwargs":
                 model_kwargs = [*(f"{k}={v!r}" for k, v in dict(value).items()), *model_kwargs]
+            elif key == "opt_kwargs":
+                opt_kwargs = [*(f"{k}={v!r}" for k, v in dict(value).items()), *opt_kwargs]
             elif key not in explicit:
                 values[key] = value
     values["recipe_opts"] = parse_recipe_opts(recipe_opt)
     values["model_kwargs"] = parse_recipe_opts(model_kwargs, "--model-kwargs")
+    values["opt_kwargs"] = parse_recipe_opts(opt_kwargs, "--opt-kwargs")
+    if "lr_base" in given and "lr" not in given:  # timm: --lr overrides --lr-base; without it the lr is scaled
+        values["lr"] = None
+    if values.get("experiment") and "out" not in given:  # timm: the experiment names the output folder
+        values["out"] = str(Path(DEFAULTS.out).parent / values["experiment"])
     return TrainConfig(**values)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train; an expected failure is one line on stderr and exit status 2 (as argparse's errors)."""
+def explicit_settings(args: argparse.Namespace) -> set:
+    """The settings given on the command line or in the ``-c/--config`` file (not left at their defaults)."""
+    given = set(getattr(args, "_explicit", set()))
+    if getattr(args, "config", None):
+        given |= set(_yaml_settings(args.config))
+    return given
+
+
+def warn_if_misleading(cfg: TrainConfig, given: set) -> None:
+    """Warn about asked-for settings this machine will not honour (``--amp-dtype float16`` without CUDA)."""
+    import torch
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.amp and cfg.amp_dtype == "float16" and not device.startswith("cuda") and "amp_dtype" in given:
+        warnings.warn(f"--amp-dtype float16 runs on CUDA only: on {device} this run trains in float32 (no mixed "
+                      f"precision); use --amp-dtype bfloat16 for mixed precision on a CPU, or --no-amp.", UserWarning)
     try:
-        train(config_from_args(args))
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
-        message = " ".join(str(e).split())
-        print(f"coopnets train: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+        from timm.optim import get_optimizer_info
+
+        info = get_optimizer_info(cfg.opt)
+    except ValueError:  # an unknown --opt: check_config has refused it
+        return
+    for name, has in (("opt_betas", info.has_betas), ("opt_eps", info.has_eps)):
+        if getattr(cfg, name) is not None and not has:  # timm's optimizer factory drops it without a word
+            warnings.warn(f"--{name.replace('_', '-')}: timm's {cfg.opt} optimizer takes no {name[4:]}, so it is "
+                          f"ignored (as in timm's train.py); pick an optimizer that has one (adamw...).", UserWarning)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; failures follow the one error policy (:mod:`coopnets.cli.errors`: one line, exit code 2)."""
+    cfg = config_from_args(args)
+    check_config(cfg)
+    warn_if_misleading(cfg, explicit_settings(args))
+    train(cfg)
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m coopnets.train", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m coopnets.train``: the same command as ``coopnets train``, under the same error policy."""
+    def parse_and_run() -> int:
+        parser = argparse.ArgumentParser(prog="python -m coopnets.train", description=__doc__.splitlines()[0],
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_arguments(parser)
+        return run(parser.parse_args(argv))
+
+    return run_entry(parse_and_run, prog="python -m coopnets.train")

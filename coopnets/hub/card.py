@@ -15,6 +15,8 @@ Example:
     >>> card = model_card(cfg, HubLocation.parse("hf-hub:org/r18"))
     >>> [m["name"] for m in card.data.to_dict()["model-index"][0]["results"][0]["metrics"]][:2]
     ['Top-1 accuracy at depth 1 of 4', 'Top-1 accuracy at depth 2 of 4']
+    >>> card_title(cfg, HubLocation.parse("hf-hub:org/r18")), card_title(cfg, HubLocation.local("runs/r18/model"))
+    ('r18', 'coop_resnet18.digits')
 """
 from __future__ import annotations
 
@@ -68,6 +70,24 @@ def _training_rows(training: Dict[str, Any]) -> Dict[str, str]:
             if v is not None and not isinstance(v, (dict, list, tuple))}
 
 
+#: folder names that say nothing about the model (``coopnets train`` writes ``RUN_DIR/model``)
+_GENERIC_FOLDER_NAMES = ("model", "checkpoint", "ckpt")
+
+
+def card_title(config: Dict[str, Any], location: HubLocation) -> str:
+    """The card's title: the Hub repo's name, or the folder's unless it is a generic one
+    (``model``...), in which case the architecture with the training dataset (``coop_resnet18.digits``)."""
+    if location.folder is None or location.name.lower() not in _GENERIC_FOLDER_NAMES:
+        return location.name
+    dataset = (config["coopnets"].get("training") or {}).get("dataset")
+    return f"{config['architecture']}.{dataset}" if dataset else config["architecture"]
+
+
+def _transformers_id(location: HubLocation) -> str:
+    """How transformers names the checkpoint: ``ORG/NAME`` (revision passed apart) or the folder path."""
+    return str(location.folder) if location.folder is not None else str(location.repo_id)
+
+
 def model_card(config: Dict[str, Any], location: HubLocation) -> ModelCard:
     """The model card of a checkpoint with ``config`` (a ``config.json`` dict) loaded from ``location``.
 
@@ -79,7 +99,7 @@ def model_card(config: Dict[str, Any], location: HubLocation) -> ModelCard:
     training = dict(coop.get("training") or {})
     per_depth = list(coop.get("per_depth") or [])
     cfg = config["pretrained_cfg"]
-    name = location.name
+    name = card_title(config, location)
     model_args = config["model_args"]
     dataset = training.get("dataset")
     eval_results = [
@@ -110,6 +130,8 @@ def model_card(config: Dict[str, Any], location: HubLocation) -> ModelCard:
         template_path=str(TEMPLATE_PATH),
         title=name,
         model_id=str(location),
+        transformers_id=_transformers_id(location),
+        revision=location.revision,
         architecture=config["architecture"],
         timm_loadable=is_model(config["architecture"]),
         backbone=coop["backbone"],
@@ -124,7 +146,7 @@ def model_card(config: Dict[str, Any], location: HubLocation) -> ModelCard:
         interpolation=cfg.get("interpolation", "bicubic"),
         crop_pct=cfg.get("crop_pct", 0.875),
         crop_mode=cfg.get("crop_mode", "center"),
-        label_names=list(cfg.get("label_names") or []),
+        label_names=list(config.get("label_names") or cfg.get("label_names") or []),
         recorded=not missing,
         missing=missing,
         digits=dataset == "digits",

@@ -8,8 +8,10 @@ takes such a name parses it here and passes the :class:`HubLocation` on; the str
 :meth:`HubLocation.fetch` gives the local path of one file of the checkpoint: the file in
 the folder, or a download through ``huggingface_hub.hf_hub_download``, so ``HF_ENDPOINT``,
 ``HF_HOME``/``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and tokens behave as in every other Hub
-library. Downloads are checked against the Hub's hashes; every failure is a
-:class:`~coopnets.hub.format.CheckpointError` that says what to do.
+library. It takes huggingface_hub's download arguments (:data:`DOWNLOAD_ARGS`: ``cache_dir``,
+``token``, ``force_download``, ``local_files_only``); :meth:`HubLocation.at_revision` applies a
+``revision=`` argument (the same as ``@REV``). Downloads are checked against the Hub's
+hashes; every failure is a :class:`~coopnets.hub.format.CheckpointError` that says what to do.
 
 Example:
     >>> loc = HubLocation.parse("hf-hub:org/coop_resnet18.digits@v1")
@@ -19,9 +21,14 @@ Example:
     PosixPath('/tmp/ckpt')
     >>> HubLocation.is_location("coop_resnet18"), HubLocation.is_location("hf_hub:org/x")
     (False, True)
+    >>> str(HubLocation.parse("hf-hub:org/r18").at_revision("v2"))
+    'hf-hub:org/r18@v2'
+    >>> pop_download_args({"token": "hf_x", "force_download": True, "head": "conv"})
+    {'token': 'hf_x', 'force_download': True}
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -41,6 +48,13 @@ from .format import CHECKPOINT_FILES, CheckpointError
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 LOCAL_PREFIX = "local-dir:"
+#: ``hf_hub_download``'s arguments that every coopnets loader takes and passes on (same names)
+DOWNLOAD_ARGS = ("cache_dir", "token", "force_download", "local_files_only")
+
+
+def pop_download_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Remove :data:`DOWNLOAD_ARGS` from ``kwargs`` (model options and download options share one call) and return them."""
+    return {k: kwargs.pop(k) for k in DOWNLOAD_ARGS if k in kwargs}
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,19 @@ class HubLocation:
             return cls.hub(cfg["hf_hub_id"])
         return None
 
+    def at_revision(self, revision: Optional[str]) -> "HubLocation":
+        """This location at ``revision`` (huggingface_hub's ``revision=`` argument; ``None``: unchanged).
+
+        A revision that contradicts the one in the name (``@REV``) or a local folder is a ``ValueError``.
+        """
+        if revision is None or revision == self.revision:
+            return self
+        if self.folder is not None:
+            raise ValueError(f"revision={revision!r} applies to hf-hub: checkpoints only; {self} is a local folder.")
+        if self.revision is not None:
+            raise ValueError(f"{self} already names revision {self.revision!r}; revision={revision!r} contradicts it. Give one of them.")
+        return dataclasses.replace(self, revision=revision)
+
     # --- spelling -------------------------------------------------------------------
     def __str__(self) -> str:
         if self.folder is not None:
@@ -107,8 +134,11 @@ class HubLocation:
         return {"hf_hub_id": f"{self.repo_id}" + (f"@{self.revision}" if self.revision else ""), "source": "hf-hub"}
 
     # --- files ----------------------------------------------------------------------
-    def fetch(self, filename: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
-        """Local path of ``filename``: in the folder, or downloaded (and verified) into the Hub cache."""
+    def fetch(self, filename: str, cache_dir: Optional[Union[str, Path]] = None, **download: Any) -> Path:
+        """Local path of ``filename``: in the folder, or downloaded (and verified) into the Hub cache.
+
+        ``download``: ``hf_hub_download``'s ``token``, ``force_download``, ``local_files_only``
+        (ignored for a local folder)."""
         if self.folder is not None:
             path = self.folder / filename
             if not path.is_file():
@@ -118,7 +148,7 @@ class HubLocation:
                 )
             return path
         try:
-            path = Path(hf_hub_download(self.repo_id, filename, revision=self.revision, cache_dir=cache_dir))
+            path = Path(hf_hub_download(self.repo_id, filename, revision=self.revision, cache_dir=cache_dir, **download))
         except RepositoryNotFoundError as e:
             raise CheckpointError(
                 f"{self}: repository {self.repo_id!r} not found on {constants.ENDPOINT} (or it is private/gated). "
@@ -130,7 +160,9 @@ class HubLocation:
                 f"commit of that repo, or drop '@{self.revision}' for the latest."
             ) from e
         except LocalEntryNotFoundError as e:
-            why = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+            why = ("offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "local_files_only=True was given"
+                   if download.get("local_files_only") else f"the Hub at {constants.ENDPOINT} could not be reached"
+                   + (f" ({' '.join(str(e.__cause__).split())})" if e.__cause__ is not None else ""))
             raise CheckpointError(
                 f"{self}: {filename} is not in the local cache ({cache_dir or constants.HF_HUB_CACHE}) and {why}. "
                 f"Download it once while online (unset HF_HUB_OFFLINE), point HF_HUB_CACHE/HF_HOME at a cache "

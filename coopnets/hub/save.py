@@ -1,8 +1,10 @@
 """Writing checkpoints: :func:`save_pretrained` (a local folder) and :func:`push_to_hub`.
 
 Folders are written next to their target and renamed into place, so a crash never
-leaves a half-written checkpoint and never damages an existing one. Uploads go through
-``huggingface_hub.HfApi`` (``create_repo`` + one ``upload_folder`` commit).
+leaves a half-written checkpoint and never damages an existing one; every file and folder
+gets the umask's permissions (0644 / 0755 under umask 022). Uploads go through
+``huggingface_hub.HfApi`` (``create_repo`` + one ``upload_folder`` commit) and take its
+argument names (``private``, ``revision``, ``token``, ``commit_message``, ``commit_description``, ``create_pr``).
 
 Example:
     >>> import coopnets, tempfile, torch
@@ -10,6 +12,8 @@ Example:
     >>> folder = coopnets.save_pretrained(m, tempfile.mkdtemp() + "/r18")
     >>> sorted(p.name for p in folder.iterdir())
     ['README.md', 'config.json', 'model.safetensors']
+    >>> oct((folder / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+    True
     >>> m2 = coopnets.create_model(f"local-dir:{folder}", pretrained=True)
     >>> torch.equal(m2.state_dict()["exits.0.fc.weight"], m.state_dict()["exits.0.fc.weight"])
     True
@@ -37,18 +41,32 @@ from .format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
+    apply_data_config,
     check_per_depth,
     checkpoint_config,
     parse_config,
+    to_json_data,
 )
 from .location import HubLocation
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: there is no other portable way)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def write_safetensors(state_dict: Mapping[str, torch.Tensor], path: Union[str, Path],
                       metadata: Optional[Dict[str, str]] = None) -> Path:
-    """Write a state dict as safetensors (tensors detached, contiguous, on the CPU); the one writer of coopnets."""
+    """Write a state dict as safetensors (tensors detached, contiguous, on the CPU); the one writer of coopnets.
+
+    The file gets the umask's permissions like any other file (safetensors' writer goes
+    through a private temporary file, which would leave it 0600).
+    """
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+    os.chmod(path, 0o666 & ~current_umask())
     return Path(path)
 
 
@@ -71,9 +89,7 @@ def replace_folder_atomically(target: Path, write: Callable[[Path], None]) -> Pa
             )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~current_umask())
     backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         write(tmp)
@@ -143,38 +159,55 @@ def push_to_hub(
     repo_id: str,
     per_depth: Optional[Sequence[Dict[str, Any]]] = None,
     training: Optional[Dict[str, Any]] = None,
-    private: bool = False,
+    private: Optional[bool] = None,
     revision: Optional[str] = None,
     token: Optional[str] = None,
     commit_message: str = "Upload coopnets checkpoint",
+    *,
+    data_config: Optional[Dict[str, Any]] = None,
+    commit_description: Optional[str] = None,
+    create_pr: bool = False,
 ):
     """Publish a model, or a :func:`save_pretrained` folder, to the Hub repo ``repo_id``.
 
-    Creates the repo if needed (``HfApi.create_repo(exist_ok=True)``) and uploads the
-    three checkpoint files in one commit (``HfApi.upload_folder``). The card is rendered
-    for ``repo_id``; ``per_depth``/``training``, when given, replace those of a folder.
+    Creates the repo if needed (``HfApi.create_repo(exist_ok=True, private=private)``) and
+    uploads the three checkpoint files in one commit (``HfApi.upload_folder``). The card is
+    rendered for ``repo_id``; ``per_depth``/``training``/``data_config`` (the preprocessing and
+    label names, as for :func:`save_pretrained`), when given, replace those of a folder.
+
+    Args:
+        private: create the repo as private (``None``: the Hub's default for the namespace).
+        revision: the branch to commit to (default ``main``).
+        token: a Hub token with write access (default: ``HF_TOKEN`` / ``hf auth login``).
+        commit_message, commit_description: the commit's summary and description.
+        create_pr: open a pull request with the commit instead of committing to the branch
+            (``revision`` must then be unset: pull requests target the default branch).
 
     Returns:
-        huggingface_hub's ``CommitInfo`` (``.oid`` is the commit to pin as ``@revision``).
+        huggingface_hub's ``CommitInfo`` (``.oid`` is the commit to pin as ``@revision``;
+        ``.pr_url`` / ``.pr_revision`` with ``create_pr=True``).
 
     Example (needs a Hub account and network)::
 
         info = coopnets.push_to_hub(model, "someorg/coop_resnet18.digits", per_depth=rows,
-                                    training={"method": "cooperative", "dataset": "digits"})
+                                    training={"method": "cooperative", "dataset": "digits"},
+                                    data_config=splits.pretrained_cfg_fields())
         coopnets.create_model(f"hf-hub:someorg/coop_resnet18.digits@{info.oid}", pretrained=True)
     """
+    if create_pr and revision not in (None, "main"):
+        raise ValueError(f"create_pr=True opens a pull request against the default branch; drop revision={revision!r}.")
     with tempfile.TemporaryDirectory(prefix="coopnets-push-") as staging_root:
         staging = Path(staging_root) / "checkpoint"
         if isinstance(model_or_folder, DepthAdaptiveModel):
-            save_pretrained(model_or_folder, staging, per_depth, training, repo_id=repo_id)
+            save_pretrained(model_or_folder, staging, per_depth, training, data_config=data_config, repo_id=repo_id)
         else:
-            _stage_folder(Path(model_or_folder), staging, repo_id, per_depth, training)
+            _stage_folder(Path(model_or_folder), staging, repo_id, per_depth, training, data_config)
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             return api.upload_folder(
                 folder_path=str(staging), repo_id=repo_id, revision=revision, commit_message=commit_message,
-                allow_patterns=list(CHECKPOINT_FILES),
+                commit_description=commit_description, create_pr=create_pr, allow_patterns=list(CHECKPOINT_FILES),
             )
         except OfflineModeIsEnabled as e:
             raise CheckpointError(
@@ -189,10 +222,10 @@ def push_to_hub(
 
 
 def _stage_folder(
-    folder: Path, staging: Path, repo_id: str,
-    per_depth: Optional[Sequence[Dict[str, Any]]], training: Optional[Dict[str, Any]],
+    folder: Path, staging: Path, repo_id: str, per_depth: Optional[Sequence[Dict[str, Any]]],
+    training: Optional[Dict[str, Any]], data_config: Optional[Dict[str, Any]] = None,
 ) -> None:
-    """Copy a checkpoint folder to ``staging`` with its config updated and its card rendered for ``repo_id``."""
+    """Copy a checkpoint folder to ``staging`` (config in the current format, updated; card rendered for ``repo_id``)."""
     missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / n).is_file()]
     if missing:
         raise CheckpointError(
@@ -205,6 +238,7 @@ def _stage_folder(
         coop["per_depth"] = check_per_depth(per_depth, coop["num_depths"])
     if training is not None:
         coop["training"] = dict(training)
+    apply_data_config(config, to_json_data(data_config, "data_config") if data_config else None)
     staging.mkdir(parents=True)
     shutil.copyfile(folder / WEIGHTS_NAME, staging / WEIGHTS_NAME)
     write_checkpoint(staging, None, config, HubLocation.hub(repo_id))

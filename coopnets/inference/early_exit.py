@@ -181,7 +181,8 @@ class EarlyExitResult:
     def exit_fractions(self) -> List[float]:
         """Share of the batch that left at each depth, shallowest first (all 0 for an empty batch)."""
         n = len(self.exit_depths)
-        counts = torch.bincount(self.exit_depths - 1, minlength=len(self.depth_flops) or (int(self.exit_depths.max()) if n else 0))
+        minlength = len(self.depth_flops) or (int(self.exit_depths.max()) if n else 0)
+        counts = torch.bincount(self.exit_depths - 1, minlength=minlength)
         return (counts.float() / max(n, 1)).tolist()
 
 
@@ -334,8 +335,9 @@ class EarlyExit:
         runner = self.runner(x.shape[1:])
         costs = runner.depth_flops(x.shape[1:], model.exits)
         if n == 0:  # nothing to run: an empty result of the right shapes
-            return EarlyExitResult(logits=x.new_empty(0, model.num_classes), exit_depths=torch.zeros(0, dtype=torch.long,
-                                   device=x.device), flops=torch.zeros(0, dtype=torch.long, device=x.device), depth_flops=costs)
+            none = torch.zeros(0, dtype=torch.long, device=x.device)
+            return EarlyExitResult(logits=x.new_empty(0, model.num_classes), exit_depths=none, flops=none.clone(),
+                                   depth_flops=costs)
         clock = _PhaseClock(timings)
         out: Optional[torch.Tensor] = None
         depths = torch.full((n,), model.num_depths, dtype=torch.long, device=x.device)
@@ -381,12 +383,7 @@ class EarlyExit:
         if model.training:
             raise ValueError("EarlyExit needs the model in eval mode (model.eval()): in training mode BatchNorm would "
                              "normalise with the statistics of the samples still in the batch and Dropout would drop.")
-        model.check_input(x)
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"EarlyExit input dtype {x.dtype}: the model takes float images normalised as it was "
-                             f"trained (mean {_data_cfg(model, 'mean')}, std {_data_cfg(model, 'std')}); convert "
-                             f"uint8 pixels with x.float() / 255 and normalise (timm.data.resolve_data_config(model=m) "
-                             f"+ create_transform gives the model's own preprocessing).")
+        model.check_input(x)  # shape, and float images (uint8 pixels are refused there)
         if x.numel() and float(x.detach().abs().amax()) > _RAW_PIXELS:
             warnings.warn(f"EarlyExit input reaches {float(x.detach().abs().amax()):.4g}: the model was trained on "
                           f"normalised images (mean {_data_cfg(model, 'mean')}, std {_data_cfg(model, 'std')}, values "

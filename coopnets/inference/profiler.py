@@ -106,6 +106,8 @@ def profile(
     to the model's :attr:`~coopnets.DepthAdaptiveModel.default_input_size`. Prints a table
     unless ``print_table=False`` (see :func:`format_table`).
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r}: profile needs at least one image per batch (an int >= 1).")
     device = device or next(model.parameters()).device
     x = torch.randn(batch_size, *(input_size or model.default_input_size), device=device)
     rows = []

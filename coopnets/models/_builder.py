@@ -14,10 +14,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
 
 from ..hub.load import load_pretrained
+from ..hub.location import pop_download_args
 from ..hub.manifest import pretrained_cfgs_for
 from .depth_adaptive import DepthAdaptiveModel, prefixed_cfg
 
-#: preprocessing / shape fields a zoo entry takes from its timm backbone's default config
+#: preprocessing / shape fields a zoo entry takes from its timm backbone's default config (``pool_size``
+#: even when it is ``None``: a ViT's features are tokens, with no spatial pool size)
 BACKBONE_CFG_KEYS = (
     "input_size", "pool_size", "crop_pct", "interpolation", "mean", "std", "fixed_input_size", "min_input_size",
     "first_conv", "classifier",
@@ -31,8 +33,10 @@ def coop_cfg(backbone: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
 
     Example:
         >>> cfg = coop_cfg("vit_small_patch16_224")
-        >>> cfg["fixed_input_size"], cfg["first_conv"], cfg["classifier"]
-        (True, 'backbone.patch_embed.proj', ('backbone.head',))
+        >>> cfg["fixed_input_size"], cfg["first_conv"], cfg["classifier"], cfg["pool_size"]
+        (True, 'backbone.patch_embed.proj', ('backbone.head',), None)
+        >>> coop_cfg("resnet50")["pool_size"]
+        (7, 7)
     """
     cfg: Dict[str, Any] = {
         "url": "",
@@ -49,7 +53,7 @@ def coop_cfg(backbone: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
         timm_cfg = get_pretrained_cfg(backbone)
         if timm_cfg is None:
             raise ValueError(f"timm has no pretrained config for backbone {backbone!r}.")
-        own = {k: v for k, v in timm_cfg.to_dict().items() if k in BACKBONE_CFG_KEYS and v is not None}
+        own = {k: v for k, v in timm_cfg.to_dict().items() if k in BACKBONE_CFG_KEYS and (v is not None or k == "pool_size")}
         classifier = own.get("classifier") or ()
         classifier = [classifier] if isinstance(classifier, str) else list(classifier)
         cfg.update(prefixed_cfg(own, ["backbone." + c for c in classifier]))
@@ -75,7 +79,8 @@ def build_coop_model(variant: str, backbone: str, pretrained: bool = False, **kw
 
     ``pretrained=True`` loads the coopnets checkpoint named by the variant's pretrained
     config (``hf_hub_id``) through the Hugging Face Hub client; it is not timm's ImageNet
-    backbone weights (pass ``pretrained_backbone=True`` for those).
+    backbone weights (pass ``pretrained_backbone=True`` for those). huggingface_hub's
+    ``revision``, ``token``, ``force_download``, ``local_files_only`` and ``cache_dir`` go to that download.
 
     ``features_only=True`` returns timm's ``FeatureGetterNet`` over the backbone's
     ``forward_intermediates`` (the exit heads are dropped), with the backbone's
@@ -87,7 +92,8 @@ def build_coop_model(variant: str, backbone: str, pretrained: bool = False, **kw
         >>> m.feature_info.channels(), [t.shape[-1] for t in m(torch.randn(1, 3, 64, 64))]
         ([64, 64, 128, 256, 512], [32, 16, 8, 4, 2])
     """
-    cache_dir = kwargs.pop("cache_dir", None)
+    download = pop_download_args(kwargs)
+    revision = kwargs.pop("revision", None)
     if kwargs.get("features_only", False):
         if pretrained:
             raise ValueError(
@@ -102,4 +108,4 @@ def build_coop_model(variant: str, backbone: str, pretrained: bool = False, **kw
     # the registry cfg names the backbone's classifier; this instance's exits are classifiers too
     model.pretrained_cfg["classifier"] = tuple(model.classifier_names())
     model.default_cfg = model.pretrained_cfg
-    return load_pretrained(model, cache_dir=cache_dir) if pretrained else model
+    return load_pretrained(model, revision=revision, **download) if pretrained else model

@@ -324,12 +324,20 @@ class DepthAdaptiveModel(TimmModelApi):
     # --- forward ------------------------------------------------------------------
     @torch.jit.unused
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ``ValueError`` naming the expected shape unless ``x`` is an (N, in_chans, H, W) tensor."""
+        """Raise a ``ValueError`` naming the expected shape and dtype unless ``x`` is a floating-point
+        (N, in_chans, H, W) tensor."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
                 f"{type(self).__name__} ({self.backbone_name}) expects images of shape "
                 f"(N, {self.in_chans}, H, W), got {shape}."
+            )
+        if not x.dtype.is_floating_point:
+            cfg = self.pretrained_cfg
+            raise ValueError(
+                f"{type(self).__name__} ({self.backbone_name}) input dtype {x.dtype}: it takes float images normalised "
+                f"as it was trained (mean {cfg.get('mean')}, std {cfg.get('std')}); convert uint8 pixels with "
+                f"x.float() / 255 and normalise (timm.data.resolve_data_config(model=m) + create_transform does both)."
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

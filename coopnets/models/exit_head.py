@@ -125,11 +125,21 @@ class ExitHead(nn.Module):
             torch.Size([2, 8, 4, 4])
         """
         if global_pool is not None:
-            if global_pool not in ("", "avg"):
-                raise ValueError(f"Unknown global_pool {global_pool!r} for an exit head; valid: 'avg', ''.")
+            if global_pool not in ("", "avg", *_TIMM_POOLS):
+                raise ValueError(f"Unknown global_pool {global_pool!r} for an exit head; valid: 'avg', '', "
+                                 f"{', '.join(map(repr, _TIMM_POOLS))}.")
             self.global_pool = global_pool
-            self.pool = nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
+            if global_pool in _TIMM_POOLS:  # timm's own pooling layer (what the backbone's head uses)
+                from timm.layers import SelectAdaptivePool2d
+
+                self.pool = SelectAdaptivePool2d(pool_type=global_pool)
+            else:
+                self.pool = nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+#: timm's pool types an exit head also takes (``reset_classifier(n, global_pool)``, ``--gp``): those that keep the width
+_TIMM_POOLS = ("max", "avgmax", "fast")
 
 
 def head_kind_for(backbone: Union[nn.Module, str]) -> str:

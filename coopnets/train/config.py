@@ -10,21 +10,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 from .best import EVAL_METRICS
+from .fields import field_problems
 
 #: fields a ``--resume`` may change: they do not alter what the run computes (``epochs``
 #: only extends or shortens the schedule; the others are where/how fast it runs and what
 #: it prints). Everything else (model, data, optimiser, seed, recipe...) would make the
 #: resumed run a different run than its checkpoint's.
-RESUME_MAY_CHANGE = frozenset({"epochs", "workers", "progress", "device", "profile_repeats", "resume", "torchcompile"})
+#: ``out`` too: a run is identified by its folder, not by the path string that names it (a run folder
+#: that was moved, copied or is named by a relative path resumes; its config.json then records the new place).
+RESUME_MAY_CHANGE = frozenset({"epochs", "workers", "progress", "device", "profile_repeats", "resume", "torchcompile",
+                               "out", "log_wandb", "experiment", "wandb_project", "wandb_tags"})
+#: fields that name a path: equal when they name the same existing file or folder
+PATH_FIELDS = ("data_dir", "initial_checkpoint", "class_map")
 
 #: timm train.py's ``--clip-mode`` choices and the AMP dtypes
 CLIP_MODES = ("norm", "value", "agc")
 AMP_DTYPES = ("float16", "bfloat16")
+#: timm's ``--mixup-mode``, ``--remode`` and ``--lr-base-scale`` choices
+MIXUP_MODES = ("batch", "pair", "elem")
+RE_MODES = ("const", "rand", "pixel")
+LR_BASE_SCALES = ("", "linear", "sqrt")
 
 
 @dataclass
@@ -56,6 +67,15 @@ class TrainConfig:
             checkpoint_hist, eval_metric: as timm's ``train.py`` options of the same names
             (``checkpoint_hist``: best epochs kept, the best one is published; 0: the last
             epoch is; ``eval_metric``: a key of :data:`~coopnets.train.best.EVAL_METRICS`).
+        drop ... experiment (the fields after ``eval_metric``): timm ``train.py``'s flags of the same
+            names and meanings, each handed to timm's own implementation (:mod:`coopnets.train.timm_flags`).
+            ``None`` leaves the model's or the data's own value. Defaults are timm's, except where timm's would
+            change what a run without the flag computed: ``drop`` (timm 0.0, here the model's own),
+            ``train_interpolation`` (timm ``random``, here the data config's) and ``val_split`` (timm
+            ``validation``, here ``val``). ``lr=None`` takes timm's ``lr_base`` rule
+            (:func:`~coopnets.train.timm_flags.resolve_lr`); the CLI sets it when ``--lr-base`` is given
+            without ``--lr``. ``experiment`` names the run (its wandb run; the CLI's default ``--out`` is
+            ``runs/<experiment>``).
     """
 
     out: str = "runs/default"
@@ -67,7 +87,7 @@ class TrainConfig:
     plan: str = "exits"
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 0.05
+    lr: Optional[float] = 0.05
     opt: str = "sgd"
     weight_decay: float = 5e-4
     sched: str = "cosine"
@@ -109,18 +129,64 @@ class TrainConfig:
     sync_bn: bool = False
     checkpoint_hist: int = 1
     eval_metric: str = "mean_accuracy"
+    drop: Optional[float] = None
+    drop_path: Optional[float] = None
+    drop_block: Optional[float] = None
+    bn_momentum: Optional[float] = None
+    bn_eps: Optional[float] = None
+    aa: Optional[str] = None
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: List[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color_jitter: float = 0.4
+    train_interpolation: Optional[str] = None
+    no_aug: bool = False
+    aug_repeats: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    mixup_off_epoch: int = 0
+    cutmix_minmax: Optional[List[float]] = None
+    opt_eps: Optional[float] = None
+    opt_betas: Optional[List[float]] = None
+    opt_kwargs: Dict[str, Any] = field(default_factory=dict)
+    lr_base: float = 0.1
+    lr_base_size: int = 256
+    lr_base_scale: str = ""
+    cooldown_epochs: int = 0
+    sched_on_updates: bool = False
+    input_size: Optional[List[int]] = None
+    crop_pct: Optional[float] = None
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    interpolation: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    class_map: Optional[str] = None
+    in_chans: Optional[int] = None
+    gp: Optional[str] = None
+    grad_checkpointing: bool = False
+    head_init_scale: Optional[float] = None
+    log_wandb: bool = False
+    experiment: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_tags: Optional[List[str]] = None
 
-    def check(self) -> None:
-        """Raise ``ValueError`` (one line, every problem) when a value is out of range.
+    def type_problems(self) -> List[str]:
+        """One sentence per field whose value is not of its declared type (``--epochs must be an int (got 'ten')``)."""
+        return field_problems(TrainConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, _flag)
 
-        Called before a run touches its folder.
-
-        Example:
-            >>> TrainConfig(epochs=0, lr=-1).check()
-            Traceback (most recent call last):
-            ...
-            ValueError: invalid settings: --epochs must be > 0 (got 0); --lr must be >= 0 (got -1)
-        """
+    def problems(self) -> List[str]:
+        """Every value of the wrong type or out of range, one sentence each (types first: the range
+        checks compare numbers). Names that must be one of a set and the options of a recipe or a
+        model are :func:`coopnets.train.checks.config_problems`' (they need the registries)."""
+        types = self.type_problems()
+        if types:
+            return types
         problems: List[str] = []
 
         def need(name: str, ok: bool, rule: str) -> None:
@@ -129,7 +195,8 @@ class TrainConfig:
 
         for name in ("epochs", "img_size", "batch_size", "profile_repeats", "grad_accum_steps"):
             need(name, getattr(self, name) > 0, "> 0")
-        for name in ("lr", "weight_decay", "warmup_epochs", "workers", "min_lr", "warmup_lr", "momentum",
+        need("lr", self.lr is None or (self.lr >= 0 and math.isfinite(self.lr)), ">= 0")
+        for name in ("weight_decay", "warmup_epochs", "workers", "min_lr", "warmup_lr", "momentum",
                      "smoothing", "mixup", "cutmix", "decay_rate"):
             value = getattr(self, name)
             need(name, value >= 0 and math.isfinite(value), ">= 0")
@@ -148,8 +215,64 @@ class TrainConfig:
 
             backends = torch._dynamo.list_backends(exclude_tags=())
             need("torchcompile", self.torchcompile in backends, f"one of {', '.join(backends)}")
-        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+        if (self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None) and self.batch_size % 2:
             problems.append(f"--batch-size must be even with --mixup/--cutmix (got {self.batch_size})")
+        return problems + self._timm_flag_problems()
+
+    def _timm_flag_problems(self) -> List[str]:
+        """Out-of-range values of timm ``train.py``'s flags (what timm's own code would assert on or misuse)."""
+        problems: List[str] = []
+
+        def need(name: str, ok: bool, rule: str) -> None:
+            if not ok:
+                problems.append(f"{_flag(name)} must be {rule} (got {getattr(self, name)})")
+
+        for name in ("drop", "drop_path", "drop_block", "bn_momentum"):
+            need(name, getattr(self, name) is None or 0 <= getattr(self, name) <= 1, "in [0, 1]")
+        for name in ("reprob", "hflip", "vflip", "mixup_prob", "mixup_switch_prob"):
+            need(name, 0 <= getattr(self, name) <= 1, "in [0, 1]")
+        for name in ("bn_eps", "opt_eps", "crop_pct", "in_chans"):
+            need(name, getattr(self, name) is None or getattr(self, name) > 0, "> 0")
+        for name in ("color_jitter", "aug_repeats", "mixup_off_epoch", "cooldown_epochs"):
+            need(name, getattr(self, name) >= 0, ">= 0")
+        for name in ("lr_base", "lr_base_size", "recount"):
+            need(name, getattr(self, name) > 0, "> 0")
+        for name, choices in (("remode", RE_MODES), ("mixup_mode", MIXUP_MODES), ("lr_base_scale", LR_BASE_SCALES)):
+            need(name, getattr(self, name) in choices, "one of " + ", ".join(repr(c) for c in choices))
+        for name, n, rule in (("scale", 2, "2 numbers 0 < min <= max"), ("ratio", 2, "2 numbers 0 < min <= max"),
+                              ("cutmix_minmax", 2, "2 numbers 0 < min <= max <= 1"), ("input_size", 3, "3 ints > 0 (C H W)")):
+            value = getattr(self, name)
+            need(name, value is None or (len(value) == n and min(value) > 0 and (n == 3 or value[0] <= value[1])
+                                         and (name != "cutmix_minmax" or value[1] <= 1)), rule)
+        if self.opt_betas is not None:
+            need("opt_betas", len(self.opt_betas) > 0 and all(0 <= b < 1 for b in self.opt_betas), "numbers in [0, 1)")
+        sizes = self.input_size if self.input_size and len(self.input_size) == 3 else None
+        if self.in_chans is not None and sizes and self.in_chans != sizes[0]:
+            problems.append(f"--in-chans {self.in_chans} and --input-size {' '.join(map(str, sizes))} name different "
+                            f"channels; give one")
+        chans = self.in_chans or (sizes[0] if sizes else 3)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            need(name, value is None or (len(value) in (1, chans) and (name == "mean" or min(value) > 0)),
+                 f"1 or {chans} values (one per input channel){', > 0' if name == 'std' else ''}")
+        return problems
+
+    def check(self) -> None:
+        """Raise ``ValueError`` (one line, every problem) when a value is of the wrong type or out of range.
+
+        Called before a run touches its folder (with the rest of :func:`coopnets.train.checks.check_config`).
+
+        Example:
+            >>> TrainConfig(epochs=0, lr=-1).check()
+            Traceback (most recent call last):
+            ...
+            ValueError: invalid settings: --epochs must be > 0 (got 0); --lr must be >= 0 (got -1)
+            >>> TrainConfig(epochs="ten").check()
+            Traceback (most recent call last):
+            ...
+            ValueError: invalid settings: --epochs must be an int (got 'ten')
+        """
+        problems = self.problems()
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
@@ -168,7 +291,7 @@ class TrainConfig:
             if name in RESUME_MAY_CHANGE:
                 continue
             before = saved.get(name, default[name])
-            if value != before:
+            if value != before and not (name in PATH_FIELDS and _same_path(value, before)):
                 out.append(f"--{name.replace('_', '-')} {value} (saved {before})")
         return out
 
@@ -184,20 +307,44 @@ class TrainConfig:
             'coopnets train --out runs/r18 --model coop_resnet18 --method cooperative --dataset digits --img-size 32 --epochs 3 --seed 0 --recipe-opt leader=resnet50'
         """
         default = TrainConfig()
-        always = {"model", "method", "img_size", "epochs", "seed", "dataset" if self.data_dir is None else "data_dir"}
+        always = {"model", "method", "img_size", "epochs", "seed", "dataset" if self.data_dir is None else "data_dir",
+                  *(("lr_base",) if self.lr is None else ())}  # no --lr: the lr comes from --lr-base
         flags: List[str] = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if (value == getattr(default, f.name) and f.name not in always) or f.name in ("recipe_opts", "model_kwargs", "resume"):
+            if (value == getattr(default, f.name) and f.name not in always) or value is None \
+                    or f.name in ("recipe_opts", "model_kwargs", "opt_kwargs", "resume"):
                 continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):
                 flags.append(flag if value else f"--no-{f.name}")
+            elif isinstance(value, (list, tuple)):  # nargs flags (--scale 0.5 1.0, --mean ...)
+                flags += [flag, *(shlex.quote(str(v)) for v in value)]
             else:
                 flags += [flag, shlex.quote(str(value))]
         for key, value in self.recipe_opts.items():  # strings as they are, other values as Python literals
             flags += ["--recipe-opt", shlex.quote(f"{key}={value if isinstance(value, str) else repr(value)}")]
-        for key, value in self.model_kwargs.items():
-            flags += ["--model-kwargs", shlex.quote(f"{key}={value if isinstance(value, str) else repr(value)}")]
+        for option, values in (("--model-kwargs", self.model_kwargs), ("--opt-kwargs", self.opt_kwargs)):
+            for key, value in values.items():
+                flags += [option, shlex.quote(f"{key}={value if isinstance(value, str) else repr(value)}")]
         launcher = "coopnets train" if world_size == 1 else f"torchrun --nproc_per_node={world_size} -m coopnets.train"
         return " ".join([launcher, *flags])
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` name one existing file or folder (``local-dir:`` prefixes ignored).
+
+    Example:
+        >>> import tempfile; folder = tempfile.mkdtemp()
+        >>> _same_path(folder, "local-dir:" + folder + "/."), _same_path(folder, None)
+        (True, False)
+    """
+    paths = [str(p)[len("local-dir:"):] if str(p).startswith("local-dir:") else str(p) for p in (a, b) if p]
+    try:
+        return len(paths) == 2 and os.path.samefile(*paths)
+    except OSError:
+        return False

@@ -38,6 +38,40 @@ class DistInfo:
         return self.world_size > 1
 
 
+#: the device types a run can train on
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def device_problem(device: Optional[str]) -> Optional[str]:
+    """Why ``--device`` cannot be used on this machine (naming what can), or ``None`` when it can.
+
+    Example:
+        >>> device_problem("tpu9")
+        "--device 'tpu9' is not a device: valid are cpu, cuda, cuda:N (N: the GPU index) and mps"
+        >>> device_problem("cpu") is None, device_problem(None) is None
+        (True, True)
+    """
+    if device is None:
+        return None
+    valid = "cpu, cuda, cuda:N (N: the GPU index) and mps"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return f"--device {device!r} is not a device: valid are {valid}"
+    if dev.type not in DEVICE_TYPES:
+        return f"--device {device!r}: cannot train on {dev.type}; valid are {valid}"
+    here = ["cpu"] + ([f"cuda (cuda:0..cuda:{torch.cuda.device_count() - 1})"] if torch.cuda.is_available() else []) \
+        + (["mps"] if torch.backends.mps.is_available() else [])
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return (f"--device {device!r}: this machine has no usable CUDA GPU (torch.cuda.is_available() is False); "
+                f"valid here: {', '.join(here)}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {device!r}: no such GPU; valid here: {', '.join(here)}"
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {device!r}: MPS is not available on this machine; valid here: {', '.join(here)}"
+    return None
+
+
 def init_distributed(device: Optional[str] = None) -> DistInfo:
     """Join the process group started by ``torchrun`` (if any) and pick this process's device.
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..models.depth_adaptive import DepthAdaptiveModel
 from .best import score_of
+from .fields import field_problems
 
 ModelFactory = Callable[[], DepthAdaptiveModel]
 
@@ -62,12 +63,23 @@ class RecipeConfig:
 
     @classmethod
     def from_dict(cls, values: Optional[Mapping[str, Any]]) -> "RecipeConfig":
-        """Build from a mapping; unknown keys are an error that lists the valid ones."""
+        """Build from a mapping; unknown keys and values of the wrong type are an error that names
+        the option, the value and what is valid.
+
+        Example:
+            >>> RecipeConfig.from_dict({"label_smoothing": "hot"})
+            Traceback (most recent call last):
+            ...
+            ValueError: RecipeConfig: label_smoothing must be a number (got 'hot'); options: label_smoothing.
+        """
         values = dict(values or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"Unknown option(s) {unknown} for {cls.__name__}; valid: {sorted(names)}.")
+        problems = field_problems(cls, values)
+        if problems:
+            raise ValueError(f"{cls.__name__}: {'; '.join(problems)}; options: {', '.join(sorted(names))}.")
         return cls(**values)
 
 

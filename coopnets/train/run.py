@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from .checks import check_config
 from .config import TrainConfig
 from .recipe import RECIPES
 from .sweep import train_each_depth
@@ -25,9 +26,9 @@ from .trainer import Trainer
 def train(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
     """Run ``cfg`` to completion; the summary is empty on ranks other than 0.
 
-    Invalid settings raise ``ValueError`` before the run folder is touched.
+    Invalid settings raise ``ValueError`` before the run folder is touched (:func:`~coopnets.train.checks.check_config`).
     """
-    cfg.check()
+    check_config(cfg)
     recipe_cls = RECIPES.get(cfg.method)
     if recipe_cls is not None and recipe_cls.runs_per_depth(cfg.recipe_opts):
         return train_each_depth(cfg, echo)

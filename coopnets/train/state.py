@@ -18,7 +18,9 @@ Example:
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -90,8 +92,18 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     """
     advice = f"restore {path} from a copy or start a new run with another --out"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, unsafe globals...
+        with warnings.catch_warnings():  # torch's notes on foreign pickle protocols: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointReadError(f"cannot read checkpoint {path} (not a torch checkpoint file); it is truncated "
+                                      f"or not a coopnets checkpoint: {advice}.") from None
+        # a pickle of objects beyond tensors and plain data: never unpickled here (torch's advice would be unsafe)
+        raise CheckpointReadError(f"{path} is not a coopnets training checkpoint: it pickles Python objects beyond "
+                                  f"tensors and plain data, which coopnets never loads (that could run code); "
+                                  f"{advice}.") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, unreadable file...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointReadError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason[:200]}); "
                                   f"it is truncated or not a coopnets checkpoint: {advice}.") from None

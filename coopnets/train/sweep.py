@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Tuple
 
 from .build import count_depths
 from .config import TrainConfig
+from .folder import RunLock, check_claimable, check_owned
 from .report import write_results
 from .state import CHECKPOINT
 from .state import load_checkpoint
@@ -41,6 +42,23 @@ def train_each_depth(cfg: TrainConfig, echo: bool = True) -> Dict[str, Any]:
     factory (:func:`~coopnets.train.build.count_depths`) before any run starts.
     """
     out = Path(cfg.out)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        check_claimable(out)
+    else:
+        check_owned(out)
+    lock = RunLock.acquire(out) if main_rank else None  # one sweep writes OUT at a time
+    done = False
+    try:
+        summary = _sweep(cfg, out, echo)
+        done = True
+        return summary
+    finally:
+        if lock is not None:
+            lock.release(failed=not done)  # a refused sweep leaves no folder it created
+
+
+def _sweep(cfg: TrainConfig, out: Path, echo: bool) -> Dict[str, Any]:
     num_depths = count_depths(cfg.model, cfg.plan, cfg.model_kwargs)
     subs = [dataclasses.replace(cfg, out=str(out / f"depth{d}"), recipe_opts={**cfg.recipe_opts, "depth": d},
                                 resume=cfg.resume and (out / f"depth{d}" / CHECKPOINT).is_file())

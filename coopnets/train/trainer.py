@@ -13,7 +13,9 @@ the whole recipe, validated at every depth beside the trained nets (``<net>_ema`
 the deployable net is chosen among the EMA nets, as timm selects on EMA metrics);
 ``torchcompile`` compiles the training step (the recipe's forward with its loss);
 ``sync_bn`` converts BatchNorm to SyncBatchNorm under DDP on CUDA; ``checkpoint_hist``
-keeps the best epochs by ``eval_metric`` (:mod:`.best`).
+keeps the best epochs by ``eval_metric`` (:mod:`.best`). timm's other flags reach timm through
+:mod:`.timm_flags` (the loop steps the schedule per update, turns mixup off at ``mixup_off_epoch``,
+trains timm's cooldown epochs) and ``--log-wandb`` logs every epoch (:mod:`.tracking`).
 
 At the end (rank 0 only) the best kept epoch's weights are restored (the last epoch's
 with ``checkpoint_hist=0``) and the net chosen by ``recipe.deployable`` is scored on the test
@@ -25,6 +27,10 @@ other Teammate, the Leader...) to ``<name>.safetensors``.
 Run folder::
 
     config.json  metrics.jsonl  last.pth  best-<epoch>.pth  results.md  results.png  model/  <name>.safetensors
+
+A run folder belongs to its run (:mod:`.folder`): a folder holding anything else is refused,
+and rank 0 holds an OS-level lock (``.coopnets-run.lock``) from the checks to the end of
+:meth:`Trainer.fit`, so a second writer or resume is refused at once with the holder's pid.
 
 ``method="independent"`` without a ``depth`` option trains one such run per depth in
 ``depth1/ .. depthD/`` and writes the combined ``results.md``/``results.png`` beside them
@@ -51,7 +57,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 from timm.data.mixup import Mixup, mixup_target
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm.auto import tqdm
@@ -62,10 +67,14 @@ from ..models import DepthAdaptiveModel, eval_mode
 from . import distributed as ddp
 from .best import BestEpochs, score_of
 from .build import create_optimization, make_loader, model_factory, timm_pretrained_cfg
+from .timm_flags import backbone_kwargs, create_mixup, data_options, model_img_size, prepare_nets, train_sampler
+from .tracking import Tracker, start_tracking
+from .checks import check_config
 from .config import TrainConfig
 from .data import DataSplits, load_data
 from .recipe import Recipe, RecipeOutput, create_recipe
 from .report import METRICS, append_jsonl, epoch_line, truncate_metrics, write_json, write_results
+from .folder import RunLock, check_claimable, check_owned
 from .state import (CHECKPOINT, CheckpointReadError, load_checkpoint, prepare_run_dir, rng_state, save_atomic,
                     seed_everything, set_rng_state)
 
@@ -122,29 +131,51 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, echo: bool = True) -> None:
         self.cfg = cfg
+        check_config(cfg)
         self.dist = ddp.init_distributed(cfg.device)
         self.echo = echo and self.dist.is_main
         self.out = Path(cfg.out)
-        cfg.check()
+        # not another folder's, not held by a running run (rank 0, the writer, asks): nothing written yet
+        if self.dist.is_main:
+            check_claimable(self.out)
+        else:
+            check_owned(self.out)
         resume_from = prepare_run_dir(self.out, cfg.resume)
         saved: Optional[Dict[str, Any]] = None
-        if resume_from is not None:  # every check before anything is built or written
+        if resume_from is not None:
             check_resume(cfg, self.out, self.dist.world_size)
             saved = load_checkpoint(resume_from)
+        self.lock: Optional[RunLock] = RunLock.acquire(self.out) if self.dist.is_main else None  # rank 0 writes
+        try:
+            self._build(cfg, resume_from, saved)
+        except BaseException:
+            self.release(failed=True)
+            raise
+
+    def release(self, failed: bool = False) -> None:
+        """End this run's hold on its folder (:class:`~coopnets.train.folder.RunLock`); ``fit`` does it at the end."""
+        if self.lock is not None:
+            self.lock.release(failed)
+            self.lock = None
+
+    def _build(self, cfg: TrainConfig, resume_from: Optional[Path], saved: Optional[Dict[str, Any]]) -> None:
+        """Everything a run is made of, from data to optimizer; a failure here leaves the folder as it was."""
         seed_everything(cfg.seed, cfg.deterministic)
         pretrained_cfg = None if cfg.data_dir is None else timm_pretrained_cfg(cfg.model)
-        self.data: DataSplits = load_data(cfg.dataset, cfg.data_dir, cfg.img_size, pretrained_cfg).limited(
-            cfg.limit_train, cfg.limit_eval
-        )
+        self.data: DataSplits = load_data(cfg.dataset, cfg.data_dir, cfg.img_size, pretrained_cfg,
+                                          options=data_options(cfg)).limited(cfg.limit_train, cfg.limit_eval)
         if cfg.train_subset is not None:
             self.data = self.data.train_subset(cfg.train_subset, cfg.seed)
+        if self.dist.is_main:
+            self.data.warn_if_misleading()
         num_classes = cfg.num_classes or self.data.num_classes
         if num_classes < self.data.num_classes:
             raise ValueError(f"--num-classes {num_classes} is below the dataset's {self.data.num_classes} classes.")
         factory = model_factory(cfg.model, num_classes, cfg.plan, pretrained=cfg.pretrained,
-                                model_kwargs=cfg.model_kwargs, img_size=cfg.img_size,
+                                model_kwargs={**backbone_kwargs(cfg), **cfg.model_kwargs}, img_size=model_img_size(cfg),
                                 initial_checkpoint=cfg.initial_checkpoint)
         self.recipe: Recipe = create_recipe(cfg.method, factory, cfg.recipe_opts).to(self.dist.device)
+        prepare_nets(self.recipe, cfg)  # --head-init-scale, --grad-checkpointing, --bn-momentum
         if cfg.sync_bn and self.dist.distributed:
             if self.dist.device.type != "cuda":
                 raise ValueError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop it for "
@@ -152,7 +183,6 @@ class Trainer:
             self.recipe = nn.SyncBatchNorm.convert_sync_batchnorm(self.recipe)
         if cfg.channels_last:
             self.recipe.to(memory_format=torch.channels_last)
-        self.optimizer, self.scheduler = create_optimization(self.recipe, cfg)
         dev_type = self.dist.device.type
         self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
         # float16 autocast on CUDA only (as before); bfloat16 wherever autocast supports it (CUDA, CPU)
@@ -160,14 +190,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and dev_type == "cuda"
                                            and self.amp_dtype == torch.float16)
         self.num_classes = num_classes
-        self.mixup: Optional[Mixup] = None
-        if cfg.mixup > 0 or cfg.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                               num_classes=num_classes)
-        self.sampler = DistributedSampler(
-            self.data.train, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=cfg.seed
-        )
+        self.mixup: Optional[Mixup] = create_mixup(cfg, num_classes)
+        self.sampler = train_sampler(self.data.train, cfg, self.dist.world_size, self.dist.rank)
         self.train_loader = make_loader(self.data.train, cfg.batch_size, cfg.workers, self.sampler)
+        self.optimizer, self.scheduler, self.num_epochs = create_optimization(  # num_epochs: with timm's cooldown
+            self.recipe, cfg, self.dist.world_size, -(-len(self.train_loader) // cfg.grad_accum_steps))
+        self.tracker: Tracker = Tracker()  # --log-wandb: started with the run (fit)
         self.val_loader = make_loader(self.data.val, cfg.batch_size, cfg.workers)
         self.ema: Optional[ModelEmaV3] = None
         if cfg.model_ema:
@@ -255,6 +283,7 @@ class Trainer:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.updates += 1
+            self.scheduler.step_update(num_updates=self.updates)  # acts with --sched-on-updates only (timm's)
             if self.ema is not None:
                 self.ema.update(self.recipe, step=self.updates)
         return out
@@ -263,10 +292,12 @@ class Trainer:
         """One pass over the train split; returns mean loss, per-depth accuracy and mean loss terms."""
         self.recipe.train()
         self.sampler.set_epoch(epoch)
+        if self.mixup is not None:  # --mixup-off-epoch: timm's mixup_enabled off from that epoch on
+            self.mixup.mixup_enabled = not (self.cfg.mixup_off_epoch and epoch >= self.cfg.mixup_off_epoch)
         dev = self.dist.device
         sums: Optional[torch.Tensor] = None  # [loss*n, n, correct per depth..., term*n ...]
         names: List[str] = []
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.num_epochs}", leave=False,
                    disable=not (self.cfg.progress and self.dist.is_main), dynamic_ncols=True)
         self.optimizer.zero_grad(set_to_none=True)
         last = len(self.train_loader) - 1
@@ -313,12 +344,24 @@ class Trainer:
         return {name: evaluate(m, loader, self.dist.device) for name, m in self.eval_nets().items()}
 
     def fit(self) -> Dict[str, Any]:
-        """Train the remaining epochs, then write the final table and models. Returns the summary (rank 0)."""
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / CONFIG, {**dataclasses.asdict(self.cfg), "world_size": self.dist.world_size,
+        """Train the remaining epochs, then write the final table and models. Returns the summary (rank 0).
+
+        The run folder stays locked until this returns (or fails)."""
+        try:
+            summary = self._fit()
+            self.tracker.close()
+            return summary
+        finally:
+            self.tracker.close(failed=True)  # a no-op once closed
+            self.release()
+
+    def _fit(self) -> Dict[str, Any]:
+        if self.dist.is_main:  # where the run lives now (a moved or copied run folder records its new place)
+            write_json(self.out / CONFIG, {**dataclasses.asdict(self.cfg), "out": str(self.out.absolute()),
+                                           "world_size": self.dist.world_size,
                                            "command": self.cfg.command(self.dist.world_size)})
-        for epoch in range(self.start_epoch, self.cfg.epochs):
+        self.tracker = start_tracking(self.cfg, self.out, self.dist.world_size, self.dist.is_main)
+        for epoch in range(self.start_epoch, self.num_epochs):
             start = time.perf_counter()
             stats = self.train_epoch(epoch)
             self.scheduler.step(epoch + 1)
@@ -330,6 +373,7 @@ class Trainer:
                 record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **stats,
                           "val_accuracy": self.val_acc, "elapsed_s": self.elapsed}
                 append_jsonl(self.out / METRICS, record)
+                self.tracker.log(record)
                 score = score_of(self.val_acc[self.deployable()], self.cfg.eval_metric)
                 evicted = self.best.offer(score, epoch + 1, self._weights)
                 save_atomic(self._state(epoch + 1), self.out / CHECKPOINT)
@@ -345,7 +389,7 @@ class Trainer:
         """Load the best kept epoch's weights and validation accuracy; returns the epoch the nets now hold."""
         epoch = self.best.best()
         if epoch is None:  # the nets hold the last epoch trained (or resumed, when none was left to train)
-            return max(self.start_epoch, self.cfg.epochs)
+            return max(self.start_epoch, self.num_epochs)
         kept = self.best.load(epoch)
         self.recipe.load_state_dict(kept["recipe"])
         if self.ema is not None:
@@ -385,6 +429,7 @@ class Trainer:
             if child is not nets[best]:
                 write_safetensors(child.state_dict(), self.out / f"{name}.safetensors")
         append_jsonl(self.out / METRICS, {"final": True, **info, "per_depth": rows})
+        self.tracker.summary({"test_accuracy": test[best], "selected_epoch": epoch, "wall_time_s": self.elapsed})
         self.log(report)
         return {**info, "per_depth": rows, "test_accuracy": test[best]}
 
