@@ -287,3 +287,21 @@ def test_batcher_waits_for_a_fuller_batch_and_survives_errors(model):
         assert good.exception(timeout=60) is not None
         assert batcher(torch.randn(*SIZE), timeout=60).logits.shape == (10,)
     assert batcher.stats()["errors"] == 2
+
+
+def test_the_chosen_option_keeps_up_with_the_arrival_rate(model):
+    """With plenty of slack per batch, a deep option whose throughput is below the arrival rate would let the
+    queue grow without bound: the controller takes the most accurate option that keeps up instead."""
+    ctl = make_controller(model, FrozenLatency, scale=10.0)
+    assert ctl.decide(8, [0.0] * 8).option.depth == model.num_depths  # no arrivals reported: no constraint
+    capacity = {o.name: ctl._capacity(o) for o in ctl.options}
+    deep, next_deep = capacity[f"depth{model.num_depths}"], capacity[f"depth{model.num_depths - 1}"]
+    rate = (deep + next_deep) / 2 / 1.15  # more than full depth can serve, less than the next one
+    now = time.perf_counter()
+    for i in range(int(rate * ctl.arrivals.window_s)):
+        ctl.observe_arrival(now - i / rate)
+    decision = ctl.decide(8, [0.0] * 8)
+    assert decision.option.depth == model.num_depths - 1 and decision.fits
+    for _ in range(int(rate * ctl.arrivals.window_s) * 100):  # far more than anything can serve: the most capable
+        ctl.observe_arrival()
+    assert ctl.decide(8, [0.0] * 8).option == max(ctl.options, key=ctl._capacity)

@@ -146,6 +146,7 @@ class ModelReplica:
             x = await asyncio.to_thread(self._preprocess, body)
         except BadRequest as e:
             return {"status": e.status, "error": e.message}
+        self.controller.observe_arrival()  # the rate this replica must keep up with
         rid = next(self._ids)
         self._pending[rid] = arrived
         try:

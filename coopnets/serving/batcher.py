@@ -139,6 +139,7 @@ class DynamicBatcher:
                 raise ValueError(f"submit takes one image, (C, H, W) or (1, C, H, W); got {tuple(x.shape)}.")
             x = x[0]
         request = _Request(x, self.clock() if arrival is None else float(arrival), Future())
+        self.controller.observe_arrival()  # the arrival rate, on the controller's own clock
         with self._cond:
             if self._closed:
                 raise RuntimeError("This DynamicBatcher is closed.")

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ..hub import CheckpointError, HubLocation, read_config
 from ..inference import EarlyExit, budget_curve
+from .arrivals import CAPACITY_HEADROOM, ArrivalRate
 from .latency import LatencyModel
 
 if TYPE_CHECKING:
@@ -196,6 +197,8 @@ class DepthController:
         self._early_exits: Dict[str, EarlyExit] = {
             o.name: EarlyExit(model, "confidence", list(o.thresholds)) for o in self.options if o.early_exit
         }
+        #: arrivals the engine reports (:meth:`observe_arrival`); the chosen option keeps up with their rate
+        self.arrivals = ArrivalRate()
         self._lock = threading.RLock()
         self._device = next(model.parameters()).device
         self.reset_stats()
@@ -290,13 +293,22 @@ class DepthController:
                    max_batch_size=max(max_batch_size, max(sizes)), reserve_next=reserve_next)
 
     # --- deciding ---------------------------------------------------------------------
+    def _capacity(self, option: ServingOption) -> float:
+        """Requests per second ``option`` serves at full batches (predicted)."""
+        return 1e3 * self.max_batch_size / max(self.latency.predict(option.name, self.max_batch_size), 1e-6)
+
     def _choose(self, n: int, slack: float) -> Tuple[Optional[ServingOption], float]:
         upper = self.latency.upper
         best: Optional[ServingOption] = None
         best_p = 0.0
+        need = CAPACITY_HEADROOM * self.arrivals.per_second() if self.arrivals.seen else 0.0
+        if need:  # keep up with the stream; when no option can, only the most capable ones
+            need = min(need, max(self._capacity(o) for o in self.options))
         for o in self._ranked:
             if best is not None and o.accuracy < best.accuracy:
                 break
+            if need and self._capacity(o) < need:
+                continue
             p = upper(o.name, n)
             if p <= slack and (best is None or p < best_p):
                 best, best_p = o, p
@@ -306,6 +318,10 @@ class DepthController:
         """The shallowest plain depth (what runs when nothing fits) and its predicted time for ``n`` samples."""
         option = min(self.options, key=lambda o: (o.early_exit, o.depth))
         return option, self.latency.upper(option.name, n)
+
+    def observe_arrival(self, t: Optional[float] = None) -> None:
+        """A request arrived at ``t`` (``time.perf_counter()`` seconds, default now); see :mod:`.arrivals`."""
+        self.arrivals.observe(t)
 
     def decide(self, batch_size: int, waited_ms: Sequence[float], *,
                backlog_waited_ms: Sequence[float] = ()) -> Decision:
