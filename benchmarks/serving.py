@@ -1445,4 +1445,10 @@ def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> Dict[str, 
 
 
 if __name__ == "__main__":
-    main()
+    from coopnets.cli.errors import run_entry
+
+    def run() -> int:
+        main()  # the results dict is for callers in Python; the command's code is 0
+        return 0
+
+    sys.exit(run_entry(run, prog="benchmarks/serving.py"))
