@@ -369,7 +369,7 @@ class EarlyExit:
             else:
                 clock.lap("decide")
         if alive.numel():
-            logits = model.backbone.forward_head(runner.finish(env))
+            logits = runner.finish(env)
             if out is None:
                 out = logits.new_empty(n, logits.shape[1])
             out[alive] = logits

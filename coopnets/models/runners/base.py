@@ -63,7 +63,7 @@ class Runner(ABC):
 
     @abstractmethod
     def finish(self, state: State) -> torch.Tensor:
-        """Run the rest of the backbone: what its ``forward_features`` returns (its head is the caller's)."""
+        """Run the rest of the backbone and its own head: the final logits."""
 
     @abstractmethod
     def compact(self, state: State, keep: torch.Tensor) -> State:
@@ -79,22 +79,17 @@ class Runner(ABC):
         return fmap
 
     def run_all(self, x: torch.Tensor, final_map: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """One pass through the whole backbone: its final features and the map at every exit point
-        (``final_map``: also the NCHW map of the last stage, before the final norm)."""
-        if final_map:
-            raise NotImplementedError(f"the {self.kind} runner gives no final-stage map")
-        state, maps = self.start(x), []
-        for k in range(self.num_exits):
-            state, fmap = self.advance(state, k)
-            maps.append(fmap)
-        return self.finish(state), maps
+        """One pass through the whole backbone: its final features (``forward_features``, before its head)
+        and the map at every exit point (``final_map``: also the NCHW map of the last stage, before the
+        final norm). Runners that only step (traced segments) do not have it."""
+        raise NotImplementedError(f"the {self.kind} runner runs the exits one at a time (start/advance/finish)")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint the blocks this runner calls itself (a no-op where the backbone's own code runs)."""
 
     # --- costs ------------------------------------------------------------------------
     def step_flops(self, image_size: Sequence[int], heads: Sequence[nn.Module]) -> List[int]:
-        """FLOPs of one sample per step: ``[start, advance 0, head 0, ..., advance K-1, head K-1, finish + head]``.
+        """FLOPs of one sample per step: ``[start, advance 0, head 0, ..., advance K-1, head K-1, finish]``.
 
         ``heads`` are the exit heads (one per exit point); the last step includes the
         backbone's own ``forward_head``. Measured once per ``(C, H, W)`` with
@@ -116,7 +111,7 @@ class Runner(ABC):
                 for k in range(self.num_exits):
                     state, fmap = count(self.advance, state, k)
                     count(heads[k], fmap)
-                count(lambda s: self.backbone.forward_head(self.finish(s)), state)
+                count(self.finish, state)
             self._step_flops[key] = steps
         return list(self._step_flops[key])
 

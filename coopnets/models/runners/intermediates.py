@@ -42,7 +42,7 @@ class IntermediatesRunner(Runner):
         return state, self.map_at(state, k)
 
     def finish(self, state: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(state)
+        return self.backbone(state)
 
     def compact(self, state: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return state.index_select(0, keep)

@@ -51,7 +51,7 @@ class LayoutRunner(Runner):
 
     def finish(self, state: LayoutState) -> torch.Tensor:
         h, position, _ = state
-        return self.layout.finish(self.layout.run(h, position, self.layout.end))
+        return self.backbone.forward_head(self.layout.finish(self.layout.run(h, position, self.layout.end)))
 
     def compact(self, state: LayoutState, keep: torch.Tensor) -> LayoutState:
         h, position, hw = state

@@ -4,8 +4,7 @@
 stop_early=False)`` with ``torch.fx`` and timm's own leaf modules and autowrapped
 functions (the ones timm's FX feature extraction uses), then cuts the graph into
 ``len(indices) + 1`` segments: segment ``k`` holds every node that exit ``k``'s feature
-map needs and no earlier exit needed; the last segment holds the rest up to the final
-features. The feature maps are exactly the NCHW tensors that ``forward_intermediates``
+map needs and no earlier exit needed; the last segment holds the rest up to the logits. The feature maps are exactly the NCHW tensors that ``forward_intermediates``
 returns (its output formatting, e.g. NHWC -> NCHW or token -> map reshapes, is part of
 the graph), so an exit head reads the same tensor as in ``forward_exits``.
 
@@ -47,7 +46,8 @@ _PROBE_BATCHES = (2, 3)
 
 
 class _ExitsForward(nn.Module):
-    """``forward_intermediates`` as one traceable module: the exit feature maps, then the final features."""
+    """``forward_intermediates`` + ``forward_head`` as one traceable module: the exit feature maps, then the logits
+    (the final features of some backbones are not one tensor, e.g. CrossViT's two branches)."""
 
     def __init__(self, backbone: nn.Module, indices: Sequence[int]) -> None:
         super().__init__()
@@ -56,7 +56,7 @@ class _ExitsForward(nn.Module):
 
     def forward(self, x):
         final, feats = self.backbone.forward_intermediates(x, indices=self.indices, stop_early=False)
-        return (*feats, final)
+        return (*feats, self.backbone.forward_head(final))
 
 
 class _TimmTracer(fx.Tracer):
@@ -83,12 +83,12 @@ class SegmentRunner(Runner):
     The state between segments is a dict of live values (``env``). :meth:`start` makes
     it from the images, :meth:`advance` runs segment ``k`` (0-based, one per exit head)
     and returns the exit's NCHW feature map, :meth:`finish` runs the last segment and
-    returns the backbone's final features, :meth:`compact` keeps only some samples of
+    returns the backbone's logits, :meth:`compact` keeps only some samples of
     every live value. The segments are traced in eval mode: inference only.
 
     Attributes:
         segments: one ``GraphModule`` per segment; segment ``k < K`` returns
-            ``(feature_k, *values read later)``, the last one ``(final features,)``.
+            ``(feature_k, *values read later)``, the last one ``(logits,)``.
         inputs: names of the values each segment reads.
         outputs: names of the values each segment hands on (after its feature map).
         rules: how each live value is compacted (see the module docstring).
@@ -129,7 +129,7 @@ class SegmentRunner(Runner):
         return env, feature
 
     def finish(self, env: Env) -> torch.Tensor:
-        """Run the last segment: the backbone's final features."""
+        """Run the last segment: the backbone's logits."""
         return self._run(env, self.num_exits)[0]
 
     def compact(self, env: Env, keep: torch.Tensor) -> Env:
@@ -309,7 +309,7 @@ def build_segments(
     The segments are traced in eval mode (``training`` branches are fixed at trace time:
     use the runner for inference). The build checks the result: the segments, run on
     random images of ``image_size`` (C, H, W) at two batch sizes, give the same feature
-    maps and final features as the unsplit backbone. ``name`` names the backbone in errors.
+    maps and logits as the unsplit backbone. ``name`` names the backbone in errors.
 
     Raises:
         ValueError: one sentence saying why this backbone cannot be split (not
@@ -331,10 +331,10 @@ def build_segments(
                 ref = backbone.forward_intermediates(x, indices=list(indices), stop_early=False)
             except Exception as err:
                 raise ValueError(f"{name} cannot run segment by segment: its traced segments fail ({_short(err)}).") from None
-            ref = list(ref[1]) + [ref[0]]
+            ref = list(ref[1]) + [backbone.forward_head(ref[0])]
             for k, (got, want) in enumerate(zip(outs, ref)):
                 if got.shape != want.shape or not torch.allclose(got, want, atol=atol, rtol=atol):
-                    what = "the final features" if k == len(outs) - 1 else f"exit {k + 1}'s feature map"
+                    what = "the logits" if k == len(outs) - 1 else f"exit {k + 1}'s feature map"
                     raise ValueError(
                         f"{name} cannot run segment by segment: the traced segments change {what} "
                         f"(the trace fixed a value that depends on the input)."
