@@ -568,9 +568,18 @@ def load_digits_split(model: Any, split: str = "test") -> LabelledSplit:
 
 
 # --- the checkpoint and its depths ------------------------------------------------------------
+#: how the benchmark's checkpoint was made (its weights are not in git: run this, then copy ``/tmp/ckB/model`` to
+#: ``benchmarks/results/serving/checkpoint``; its config.json and card are committed)
+TRAIN_COMMAND = ("coopnets train --model mobilenetv3_small_100 --model-kwargs head=linear --dataset digits "
+                 "--img-size 128 --epochs 10 --method multi_exit --no-amp --out /tmp/ckB")
+
+
 def load_checkpoint(path: Path) -> Any:
     import coopnets
 
+    if not (path / "model.safetensors").is_file():
+        raise ValueError(f"--checkpoint {path}: no model.safetensors there (weights are not kept in git); train it "
+                         f"with `{TRAIN_COMMAND}` and copy /tmp/ckB/model to {path}, or pass another checkpoint")
     return coopnets.create_model(f"local-dir:{path}", pretrained=True).eval()
 
 

@@ -7,7 +7,7 @@ request has waited; the batch's *slack* is ``min(slo_ms - waited_ms)``. Among th
 whose predicted run time, safety margin included (:meth:`LatencyModel.upper`), fits the
 slack it picks the highest expected accuracy (ties: the faster); when none fits it picks
 the shallowest depth and counts a *miss*. It first looks one batch ahead (``reserve_next``): this
-batch's option plus the fastest option for the next batch must also fit the next batch's
+batch's option plus the shallowest depth for the next batch must also fit the next batch's
 slack, where the next batch is the requests queued behind this one (``backlog_waited_ms``,
 oldest first) or, with none queued, requests arriving during this run (waited 0, as many
 as in this batch). So a long deep run never leaves the requests behind it without time;
@@ -314,7 +314,7 @@ class DepthController:
                 best, best_p = o, p
         return best, best_p
 
-    def _fastest(self, n: int) -> Tuple[ServingOption, float]:
+    def _shallowest(self, n: int) -> Tuple[ServingOption, float]:
         """The shallowest plain depth (what runs when nothing fits) and its predicted time for ``n`` samples."""
         option = min(self.options, key=lambda o: (o.early_exit, o.depth))
         return option, self.latency.upper(option.name, n)
@@ -341,13 +341,13 @@ class DepthController:
             if self.reserve_next or len(backlog_waited_ms):
                 nxt = min(max(len(backlog_waited_ms), n), self.max_batch_size)
                 oldest = max(backlog_waited_ms[:nxt]) if len(backlog_waited_ms) else 0.0
-                next_slack = self.slo_ms - oldest - self._fastest(nxt)[1]
+                next_slack = self.slo_ms - oldest - self._shallowest(nxt)[1]
                 if next_slack < slack:
                     option, predicted = self._choose(n, next_slack)
             if option is None:
                 option, predicted = self._choose(n, slack)
             if option is None:
-                option, predicted = self._fastest(n)
+                option, predicted = self._shallowest(n)
         fits = predicted <= slack
         decision = Decision(option, n, slack, predicted, fits, (time.perf_counter() - start) * 1e3)
         with self._lock:
