@@ -277,7 +277,7 @@ class DepthAdaptiveModel(TimmModelApi):
     @property
     def depth(self) -> int:
         """The depth the next forward pass of this thread runs at (1..num_depths)."""
-        return _THREAD_DEPTHS.by_model.get(id(self), self._depth)
+        return self._current_depth()
 
     def set_depth(self, depth: int) -> "DepthAdaptiveModel":
         """Run the next forward passes (every thread's, outside :meth:`at_depth`) at ``depth``
