@@ -1,57 +1,44 @@
-"""``coopnets serve``: serve a depth-adaptive model over HTTP on Ray Serve, each batch's depth chosen to meet an SLO.
+"""``coopnets serve``: serve a depth-adaptive model over HTTP, each batch's depth chosen to meet an SLO.
 
 ``MODEL`` is a zoo name (untrained), ``hf-hub:ORG/NAME[@REV]``, ``local-dir:PATH`` or a
 training run folder (its ``model/`` checkpoint), resolved as ``coopnets export`` does.
-Needs ``pip install 'coopnets[serve]'`` (Ray Serve). CPU only: the model stays on the CPU.
+CPU only: the model stays on the CPU. The HTTP contract is :mod:`coopnets.serving.http`'s.
 
 Endpoints:
     ``POST /predict``  body: one PNG or JPEG image, preprocessed as the checkpoint's
-        ``pretrained_cfg`` says (``timm.data.resolve_data_config(model=m)`` +
-        ``timm.data.create_transform``). Reply ``{"label", "index", "score", "depth",
-        "latency_ms"}``: ``label`` from ``pretrained_cfg["label_names"]`` (else the index as
-        text), ``score`` the softmax probability of ``index``, ``depth`` the depth that ran,
-        ``latency_ms`` from the request's arrival at the server to its answer. Refused, each
-        with a one-line JSON ``{"error": ...}`` while the server keeps serving: an empty body
-        or one that is not a readable image (400), a body over ``--max-body-mb`` or an image
-        over 40 Mpixel (413), GIF/BMP/TIFF/WebP, 16-bit PNG, CMYK or another non-8-bit mode (415).
-    ``GET /stats``  ``requests`` (answered predictions), ``slo_ms``, ``slo_attainment`` (share
-        of them with ``latency_ms <= slo_ms``), ``p50_ms``/``p99_ms`` (last 100,000),
-        ``depth_histogram``, ``errors`` (refused or failed predictions; ``errors_by_status``),
-        ``replicas`` (running model replicas, from Ray Serve's status), ``per_replica``
-        (requests, depths and the latest controller counters of each replica), ``settings``.
-    ``GET /healthz``  200 once a model replica answers (503 before).
+        ``pretrained_cfg`` says. Reply ``{"label", "index", "score", "depth", "latency_ms"}``:
+        ``latency_ms`` from the request's arrival at the server to its answer. A client may
+        send its own deadline in ``x-request-timeout-seconds``. Refused, each with a one-line
+        JSON ``{"error": ...}`` while the server keeps serving: an empty body or one that is
+        not a readable image (400), a body over ``--max-body-mb`` or an image over 40 Mpixel
+        (413), GIF/BMP/TIFF/WebP, 16-bit PNG, CMYK (415); shed because even the shallowest
+        depth could not answer in time (503 with ``Retry-After``); deadline passed while
+        queued, not computed (504).
+    ``GET /stats``  ``requests``, ``slo_attainment``, ``p50_ms``/``p99_ms``,
+        ``depth_histogram``, ``shed``, ``expired``, ``errors``, ``per_replica``, ``settings``...
+    ``GET /metrics``  the same counters in Prometheus' text format.
+    ``GET /healthz``  200 while the batch loop runs (503 otherwise).
 
-How it runs: an ingress deployment (one replica) is the HTTP entry and holds the statistics
-of every request, so ``/stats`` aggregates over all replicas; it forwards each image
-through a deployment handle to one of the model replicas (``--num-replicas N``, or
-``--num-replicas auto``: Ray Serve autoscaling between 1 and 4 replicas aiming at
-``--max-batch-size`` ongoing requests each, fields overridden by ``--autoscaling-config``).
-Each model replica decodes, batches with ``@serve.batch`` (up to ``--max-batch-size``,
-waiting at most ``--batch-wait-ms`` for a batch to fill) and has its own
-:class:`~coopnets.serving.DepthController`: it profiles every depth on its own hardware at
-start-up, picks each batch's depth from how long the batch's requests (and the ones queued
-behind it in that replica) have waited, and learns from each batch's measured time.
-``--depth K`` runs depth K only (controller off, a baseline). The controller trades
-latency against the checkpoint's recorded per-depth accuracies (``config.json``'s
-``coopnets.per_depth``); without them it prefers the deepest depth that fits, and says so.
+Engines (``--engine``): ``local`` is one process, uvicorn in front of the batcher and the
+controller (no hop; the default on one machine). ``ray`` runs the same HTTP app and core in
+every Ray Serve replica (``--num-replicas N``, ``--num-replicas auto`` with
+``--autoscaling-config``, a cluster through ``--address``; the default when any of these is
+given; needs ``pip install 'coopnets[serve]'``). ``--ray-fast-path`` picks Ray Serve 2.60's
+throughput mode, direct ingress or HAProxy mode for a local Ray instance.
 
-On a Ray cluster (``ray start --head`` on one machine, ``ray start --address HEAD:6379`` on
-the others, then ``coopnets serve MODEL --address auto --host 0.0.0.0`` on the head),
-replicas are spread over the nodes and a proxy listens on ``--port`` on every node that runs one. The
-replicas' controllers share nothing: each one profiles and learns its own node (a slower
-or busier node picks shallower depths for the same load) and sees only its own queue; the
-weights travel from this process by value, so workers need ``coopnets`` installed but not
-the checkpoint. Waits are measured against the ingress's wall clock, so keep the nodes'
-clocks synchronised (NTP). Stopping the command (SIGINT/SIGTERM) deletes the application;
-a local Ray instance started by it is shut down.
+The controller trades latency against per-depth accuracy: measured on ``--calibration-data``
+(an ImageFolder or a run folder's validation split; it also adds early-exit options), else
+the checkpoint's recorded *validation* accuracies. Past capacity the server sheds (503)
+what it cannot answer in time, so the admitted requests keep their deadlines (``--no-shed``
+queues everything instead).
 
 Example:
     coopnets serve runs/r18 --slo-ms 100 --host 127.0.0.1 --port 8000
-    coopnets serve hf-hub:someorg/coop_resnet18.digits --slo-ms 50 --max-batch-size 16 --num-replicas 2
-    coopnets serve runs/r18 --depth 2                     # baseline: always depth 2
-    coopnets serve runs/r18 --num-replicas auto --autoscaling-config '{"max_replicas": 8}'
+    coopnets serve runs/r18 --calibration-data runs/r18     # early exit, from the run's validation split
+    coopnets serve runs/r18 --depth 2                        # baseline: always depth 2
+    coopnets serve hf-hub:someorg/coop_resnet18.digits --num-replicas 2 --ray-fast-path throughput
     curl -s --data-binary @cat.png http://127.0.0.1:8000/predict
-    curl -s http://127.0.0.1:8000/stats
+    curl -s http://127.0.0.1:8000/metrics
 """
 from __future__ import annotations
 
@@ -67,6 +54,10 @@ from typing import Any, Dict, List, Optional
 from .errors import bad_value
 from .export import SOURCES, load_source
 
+ENGINES = ("auto", "local", "ray")
+#: ``--ray-fast-path`` choices (the environment of each: :data:`coopnets.serving.ray_engine.FAST_PATHS`)
+FAST_PATH_NAMES = ("none", "throughput", "direct", "haproxy")
+DEFAULT_FAST_PATH = "none"
 #: defaults of ``--num-replicas auto`` (Ray Serve AutoscalingConfig fields; ``--autoscaling-config`` overrides)
 AUTOSCALING_DEFAULTS = {"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 5.0, "downscale_delay_s": 60.0}
 
@@ -90,6 +81,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join ('auto' or HOST:PORT; default $RAY_ADDRESS, else a local Ray instance)")
     parser.add_argument("--num-classes", type=int, default=None, help="classes of an (untrained) zoo model")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="local: one process, uvicorn over the batcher (no hop); ray: Ray Serve replicas; "
+                             "auto (default): local unless --num-replicas is not 1 or --address is given")
+    parser.add_argument("--ray-fast-path", choices=sorted(FAST_PATH_NAMES), default=DEFAULT_FAST_PATH,
+                        help=f"Ray Serve 2.60 request path of a local Ray instance: throughput "
+                             f"(RAY_SERVE_THROUGHPUT_OPTIMIZED=1), direct (direct ingress), haproxy, none "
+                             f"(default {DEFAULT_FAST_PATH})")
+    parser.add_argument("--calibration-data", default=None, metavar="PATH",
+                        help="labelled images to measure per-depth accuracy and add early-exit options: an "
+                             "ImageFolder (class subfolders) or a training run folder (its validation split)")
+    parser.add_argument("--no-early-exit", action="store_true", help="with --calibration-data: depths only")
+    parser.add_argument("--no-shed", action="store_true",
+                        help="queue every request instead of answering 503 to what cannot be served in time")
+    parser.add_argument("--max-queued", type=int, default=None,
+                        help="most requests queued per server or replica (default 16 x --max-batch-size)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads of the local engine (default: one per two cores)")
 
 
 def _num_replicas(value: str) -> Optional[int]:
@@ -132,27 +140,40 @@ def check_ray() -> None:
     try:
         importlib.import_module("ray.serve")
     except ImportError as e:
-        raise ImportError(f"ray[serve] is not installed ({e}); `coopnets serve` runs on Ray Serve: "
+        raise ImportError(f"ray[serve] is not installed ({e}); `coopnets serve --engine ray` runs on Ray Serve: "
                           f"pip install 'coopnets[serve]'") from None
 
 
 def accuracies_for(model: Any, quiet: bool = False) -> List[float]:
-    """The checkpoint's recorded per-depth accuracies, or increasing ones (prefer deeper) with a one-line warning."""
-    from ..serving import checkpoint_accuracies
+    """The checkpoint's recorded validation accuracies per depth (the server says when it falls back to
+    test accuracies), or increasing ones (prefer deeper) with a one-line warning when none are recorded."""
+    from ..serving.calibration import recorded_accuracies
 
     try:
-        return checkpoint_accuracies(model)
+        recorded = recorded_accuracies(model)
     except ValueError as e:
         if not quiet:
             why = " ".join(str(e).split(";")[0].split())
             warnings.warn(f"no per-depth accuracy table ({why}); serving with accuracies increasing with depth, i.e. the "
-                f"deepest depth that meets the SLO. Record one with `coopnets train` or "
-                f"coopnets.save_pretrained(model, path, per_depth=rows).")
+                          f"deepest depth that meets the SLO. Record one with `coopnets train` or "
+                          f"coopnets.save_pretrained(model, path, per_depth=rows), or pass --calibration-data.")
         return [d / model.num_depths for d in range(1, model.num_depths + 1)]
+    if recorded.warning and not quiet:
+        log(recorded.warning)
+    return list(recorded.values)
 
 
 def log(message: str) -> None:
     print(f"coopnets serve: {message}", file=sys.stderr, flush=True)
+
+
+def _engine(args: argparse.Namespace, num_replicas: Optional[int], address: Optional[str]) -> str:
+    if args.engine != "auto":
+        if args.engine == "local" and (num_replicas != 1 or address):
+            raise bad_value("--engine", "local", "serves one replica on this machine; for --num-replicas "
+                            f"{args.num_replicas} or --address use --engine ray (or auto)")
+        return args.engine
+    return "local" if num_replicas == 1 and not address else "ray"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,28 +189,69 @@ def run(args: argparse.Namespace) -> int:
         raise bad_value("--replica-cpus", args.replica_cpus, "must be > 0")
     if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
         raise bad_value("--max-body-mb", args.max_body_mb, "must be > 0")
+    if args.max_queued is not None and args.max_queued < 1:
+        raise bad_value("--max-queued", args.max_queued, "must be >= 1")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise bad_value("--torch-threads", args.torch_threads, "must be >= 1")
+    if args.calibration_data is not None and args.depth is not None:
+        raise bad_value("--calibration-data", args.calibration_data, "chooses between depths; --depth fixes one "
+                        "(give one of the two)")
     num_replicas = _num_replicas(args.num_replicas)
-    check_ray()
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    engine = _engine(args, num_replicas, address)
+    if engine == "ray":
+        check_ray()
     autoscaling = _autoscaling(args, num_replicas)
+    if engine == "local":
+        check_uvicorn()
+    from ..serving.http import check_port_free
+
+    if address is None:  # this machine will listen here
+        check_port_free(args.host, args.port)
     model = load_source(args.model, args.num_classes)
     if args.depth is not None and not 1 <= args.depth <= model.num_depths:
         raise bad_value("--depth", args.depth, f"out of range: valid depths of {args.model} are 1..{model.num_depths}")
+    calibration = None
+    if args.calibration_data is not None:
+        from ..serving.calibration import load_calibration
 
-    from ..serving.app import ServeSettings, check_port_free, serve_forever
+        try:
+            calibration = load_calibration(args.calibration_data, model)
+        except ValueError as e:  # its message names the path and what is accepted
+            raise ValueError(f"--calibration-data {' '.join(str(e).split())}") from None
+    accuracies = () if calibration else tuple(accuracies_for(model, quiet=args.depth is not None))
 
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:  # a local Ray instance: its proxy will listen here
-        check_port_free(args.host, args.port)
+    from ..serving.core import ServeSettings
+
     settings = ServeSettings(
         slo_ms=args.slo_ms, max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms if args.batch_wait_ms is not None else min(5.0, args.slo_ms / 20),
-        depth=args.depth, accuracies=tuple(accuracies_for(model, quiet=args.depth is not None)),
-        num_replicas=num_replicas, autoscaling_config=autoscaling, replica_cpus=args.replica_cpus,
-        max_body_bytes=int(args.max_body_mb * 2**20),
+        depth=args.depth, accuracies=accuracies, early_exit=not args.no_early_exit, shed=not args.no_shed,
+        max_queued=args.max_queued, num_replicas=num_replicas, autoscaling_config=autoscaling,
+        replica_cpus=args.replica_cpus, torch_threads=args.torch_threads,
+        max_body_bytes=int(args.max_body_mb * 2**20), engine=engine,
     )
-    log(f"{args.model}: {model.num_depths} depths, accuracies {[round(a, 4) for a in settings.accuracies]}; "
-        f"starting Ray {'(cluster ' + address + ')' if address else '(local instance)'}")
+    source = (f"calibration data {args.calibration_data}" if calibration
+              else f"accuracies {[round(a, 4) for a in settings.accuracies]}")
+    log(f"{args.model}: {model.num_depths} depths, {source}; engine {engine}"
+        + (f" ({'cluster ' + address if address else 'local Ray instance'})" if engine == "ray" else ""))
+    if engine == "local":
+        from ..serving.local import serve_local
+
+        return serve_local(model, settings, args.model, args.host, args.port, calibration=calibration, log=log)
+    from ..serving.ray_engine import serve_ray
+
     try:
-        return serve_forever(model, settings, args.model, args.host, args.port, address=address, log=log)
+        return serve_ray(model, settings, args.model, args.host, args.port, address=address,
+                         fast_path=args.ray_fast_path, calibration=calibration, log=log)
     except TimeoutError as e:
         raise bad_value("--address", address or "(local Ray)", f"Ray Serve did not come up: {' '.join(str(e).split())}") from None
+
+
+def check_uvicorn() -> None:
+    """``ImportError`` (one line, with the install command) when the local engine's server is missing."""
+    try:
+        importlib.import_module("uvicorn")
+    except ImportError as e:
+        raise ImportError(f"uvicorn is not installed ({e}); the local engine of `coopnets serve` needs it: "
+                          f"pip install 'coopnets[serve]'") from None

@@ -48,10 +48,12 @@ def _table_rows(per_depth: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     for row in per_depth:
         acc = row.get("accuracy")
+        val = row.get("val_accuracy")
         latency = row.get("latency_ms")
         rows.append({
             **row,
             "accuracy_text": "-" if acc is None else f"{100 * acc:.2f}%",
+            "val_accuracy_text": "-" if val is None else f"{100 * val:.2f}%",
             "params_text": _si(row.get("params")),
             "flops_text": _si(row.get("flops")),
             "latency_text": "-" if latency is None else f"{latency:.2f}",
@@ -152,5 +154,7 @@ def model_card(config: Dict[str, Any], location: HubLocation) -> ModelCard:
         digits=dataset == "digits",
         training=_training_rows(training),
         per_depth=_table_rows(per_depth),
+        has_val=any(row.get("val_accuracy") is not None for row in per_depth),
+        test_split="validation" if training.get("test_split") == "val" else "test",
         measured_on=_measured_on(per_depth),
     )

@@ -15,7 +15,8 @@ A checkpoint is a folder (a Hub repo, or a local directory) with three files:
     plan, exits, block depths, backbone kwargs). ``label_names`` are at the root (what timm
     and transformers' ``id2label`` read) and in ``pretrained_cfg`` (what the loaded model's
     ``pretrained_cfg`` holds). The ``coopnets`` section holds the format version, the
-    backbone, the number of depths, the measured per-depth table and how the model was trained.
+    backbone, the number of depths, the measured per-depth table (``accuracy`` on the test split and,
+    since coopnets records it, ``val_accuracy`` on the validation split) and how the model was trained.
 ``README.md``
     The model card (:mod:`coopnets.hub.card`).
 
@@ -66,7 +67,17 @@ def architecture_of(model: DepthAdaptiveModel) -> str:
 
 
 def check_per_depth(rows: Optional[Sequence[Dict[str, Any]]], num_depths: int) -> List[Dict[str, Any]]:
-    """Per-depth rows sorted by depth; each must name a distinct depth in ``1..num_depths``."""
+    """Per-depth rows sorted by depth; each must name a distinct depth in ``1..num_depths``, and a
+    ``val_accuracy``, when given, must be a number in [0, 1] (rows of older checkpoints have none).
+
+    Example:
+        >>> check_per_depth([{"depth": 2, "accuracy": 0.9, "val_accuracy": 0.88}, {"depth": 1}], 2)
+        [{'depth': 1}, {'depth': 2, 'accuracy': 0.9, 'val_accuracy': 0.88}]
+        >>> check_per_depth([{"depth": 1, "val_accuracy": 88}], 2)
+        Traceback (most recent call last):
+        ...
+        ValueError: per_depth row of depth 1: val_accuracy must be a number in [0, 1] (a fraction, not a percentage), got 88.
+    """
     checked = [dict(r) for r in rows or []]
     depths = [r.get("depth") for r in checked]
     if any(not isinstance(d, int) or not 1 <= d <= num_depths for d in depths) or len(set(depths)) != len(depths):
@@ -74,6 +85,13 @@ def check_per_depth(rows: Optional[Sequence[Dict[str, Any]]], num_depths: int) -
             f"per_depth rows need distinct integer 'depth' values in 1..{num_depths}, got {depths}. "
             f"Build them with coopnets.profile(model, ...) and add 'accuracy' per depth."
         )
+    for r in checked:
+        val = r.get("val_accuracy")
+        if val is not None and (hasattr(val, "item") and getattr(val, "ndim", 0) == 0):
+            val = r["val_accuracy"] = val.item()
+        if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 <= val <= 1):
+            raise ValueError(f"per_depth row of depth {r['depth']}: val_accuracy must be a number in [0, 1] "
+                             f"(a fraction, not a percentage), got {val!r}.")
     return sorted(checked, key=lambda r: r["depth"])
 
 
@@ -103,8 +121,9 @@ def checkpoint_config(
 
     Args:
         model: the depth-adaptive model.
-        per_depth: measured rows, one per depth (``depth``, ``accuracy``, ``params``,
-            ``flops``, ``latency_ms``, ``batch_size``, ``device``).
+        per_depth: measured rows, one per depth (``depth``, ``accuracy`` (test), ``val_accuracy``
+            (validation: what serving trades depths by, :func:`coopnets.serving.recorded_accuracies`;
+            optional), ``params``, ``flops``, ``latency_ms``, ``batch_size``, ``device``).
         training: how it was trained (``method``, ``dataset``, ``epochs``, ``seed``, ``command``...).
         data_config: how the run fed its data (:data:`DATA_CONFIG_KEYS`: timm's data config
             ``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``,

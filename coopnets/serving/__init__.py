@@ -6,11 +6,15 @@ Engine-free: any server (Ray Serve, a thread pool, :class:`DynamicBatcher`) call
 * :mod:`.latency` -- :class:`LatencyModel`, the online latency model per (option, batch size)
   and its profiled prior;
 * :mod:`.controller` -- :class:`ServingOption`, :class:`Decision`, :class:`DepthController`;
+* :mod:`.calibration` -- what the controller trades depths by: :func:`recorded_accuracies` (the
+  checkpoint's validation accuracies first), :func:`measured_accuracies`, and :func:`load_calibration`
+  (labelled batches from an ImageFolder or a run folder's validation split);
 * :mod:`.batcher` -- :class:`DynamicBatcher`, an in-process dynamic batcher, and :class:`ServedResult`.
 """
 from .batcher import DynamicBatcher, ServedResult
-from .controller import Decision, DepthController, ServingOption, checkpoint_accuracies
+from .calibration import RecordedAccuracies, load_calibration, measured_accuracies, recorded_accuracies
+from .controller import Decision, DepthController, ServingOption
 from .latency import LatencyModel
 
-__all__ = ["Decision", "DepthController", "DynamicBatcher", "LatencyModel", "ServedResult", "ServingOption",
-           "checkpoint_accuracies"]
+__all__ = ["Decision", "DepthController", "DynamicBatcher", "LatencyModel", "RecordedAccuracies", "ServedResult",
+           "ServingOption", "load_calibration", "measured_accuracies", "recorded_accuracies"]

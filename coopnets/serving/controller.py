@@ -17,7 +17,7 @@ the look-ahead is dropped when it leaves no option.
 option's own :class:`~coopnets.EarlyExit`), never ``set_depth``, so concurrent callers
 never see each other's depth, times the run and feeds :meth:`LatencyModel.observe`.
 :meth:`DepthController.for_model` builds all of it from a model: accuracies from the
-checkpoint's ``config.json`` (``coopnets.per_depth[*].accuracy``), the user, or labelled
+checkpoint's ``config.json`` (validation accuracies first: :mod:`.calibration`), the user, or labelled
 calibration batches (which also add early-exit options via :func:`~coopnets.budget_curve`),
 and the latency prior from profiling every option at a few batch sizes.
 
@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence,
 import torch
 from torch import Tensor
 
-from ..hub import CheckpointError, HubLocation, read_config
 from ..inference import EarlyExit, budget_curve
 from .arrivals import CAPACITY_HEADROOM, ArrivalRate
+from .calibration import measured_accuracies, recorded_accuracies
 from .latency import LatencyModel
 
 if TYPE_CHECKING:
@@ -100,51 +100,6 @@ class Decision:
     fits: bool
     decide_ms: float
     run_ms: float = float("nan")
-
-
-def checkpoint_accuracies(model: "DepthAdaptiveModel") -> List[float]:
-    """Per-depth accuracy recorded in the checkpoint ``model`` was loaded from (``config.json``'s
-    ``coopnets.per_depth[*].accuracy``).
-
-    Raises:
-        ValueError: the model was not loaded from a coopnets checkpoint, or its table lacks
-            an accuracy for some depth; pass ``accuracies=`` (or ``calibration=``) instead.
-    """
-    cfg = model.pretrained_cfg
-    location = None
-    if cfg.get("source") in ("local-dir", "hf-hub") or str(cfg.get("architecture", "")).startswith("coop_"):
-        location = HubLocation.from_pretrained_cfg(cfg)
-    hint = "pass accuracies=[acc at depth 1, ..., acc at full depth] or labelled calibration= batches"
-    if location is None:
-        raise ValueError(f"{model.backbone_name}: the model was not loaded from a coopnets checkpoint, so it has "
-                         f"no recorded per-depth accuracy table; {hint}.")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the loader already warned about a missing data config
-            rows = read_config(location)["coopnets"].get("per_depth") or []
-    except CheckpointError as err:
-        raise ValueError(f"{location}: could not read the per-depth accuracy table ({err}); {hint}.") from err
-    found = {r.get("depth"): r.get("accuracy") for r in rows}
-    missing = [d for d in range(1, model.num_depths + 1) if not isinstance(found.get(d), (int, float))]
-    if missing:
-        raise ValueError(f"{location}: config.json's coopnets.per_depth records no accuracy for depth(s) "
-                         f"{missing}; {hint}.")
-    return [float(found[d]) for d in range(1, model.num_depths + 1)]
-
-
-def measured_accuracies(model: "DepthAdaptiveModel", batches: Sequence[Tuple[Tensor, Tensor]]) -> List[float]:
-    """Top-1 accuracy of every depth (``forward_depth``) on labelled ``batches``."""
-    device = next(model.parameters()).device
-    correct, total = [0] * model.num_depths, 0
-    with torch.inference_mode():
-        for x, y in batches:
-            x, y = x.to(device), torch.as_tensor(y).to(device)
-            total += len(y)
-            for d in range(1, model.num_depths + 1):
-                correct[d - 1] += int((model.forward_depth(x, d).argmax(-1) == y).sum())
-    if not total:
-        raise ValueError("The calibration batches hold no samples.")
-    return [c / total for c in correct]
 
 
 class DepthController:
@@ -225,8 +180,11 @@ class DepthController:
 
         Args:
             accuracies: per-depth accuracy, depth 1 first. Default (``None`` or empty):
-                measured on ``calibration`` if given, else the checkpoint's recorded table.
-            calibration: labelled ``(images, labels)`` batches; per-depth accuracy is measured
+                measured on ``calibration`` if given, else the checkpoint's recorded validation
+                accuracies (:func:`~coopnets.serving.calibration.recorded_accuracies`; test
+                accuracies only when it records none, with a warning).
+            calibration: labelled ``(images, labels)`` batches (e.g. from
+                :func:`~coopnets.serving.calibration.load_calibration`); per-depth accuracy is measured
                 on them and, with ``early_exit`` on an ``exits``-plan model, early-exit options
                 are added (thresholds from :func:`~coopnets.budget_curve` at
                 :data:`EARLY_EXIT_RATIOS`, with their measured accuracy; measured on the data
@@ -249,7 +207,13 @@ class DepthController:
         batches = list(calibration) if calibration is not None else []
         if accuracies is None or len(accuracies) == 0:
             try:
-                accuracies = measured_accuracies(model, batches) if batches else checkpoint_accuracies(model)
+                if batches:
+                    accuracies = measured_accuracies(model, batches)
+                else:
+                    recorded = recorded_accuracies(model)
+                    if recorded.warning and depth is None:
+                        warnings.warn(recorded.warning, UserWarning, stacklevel=2)
+                    accuracies = recorded.values
             except ValueError:
                 if depth is None:
                     raise
@@ -318,6 +282,11 @@ class DepthController:
         """The shallowest plain depth (what runs when nothing fits) and its predicted time for ``n`` samples."""
         option = min(self.options, key=lambda o: (o.early_exit, o.depth))
         return option, self.latency.upper(option.name, n)
+
+    def shallowest_ms(self, n: int) -> float:
+        """Predicted time (margin included) of the shallowest plain depth for ``n`` samples: the fastest
+        a batch can go, which admission control compares with deadlines."""
+        return self._shallowest(n)[1]
 
     def observe_arrival(self, t: Optional[float] = None) -> None:
         """A request arrived at ``t`` (``time.perf_counter()`` seconds, default now); see :mod:`.arrivals`."""

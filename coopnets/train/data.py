@@ -49,6 +49,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 DATASETS = ("digits",)
 DIGITS_SPLIT = (0.6, 0.2, 0.2)
+#: the seed of the digits split (:func:`load_data`'s default: every run is split the same way)
+DIGITS_SPLIT_SEED = 0
 #: the timm data-config keys a run records (``timm.data.resolve_data_config`` reads them)
 DATA_CONFIG_FIELDS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 
@@ -207,7 +209,7 @@ class DataSplits:
         return dataclasses.replace(self, train=Subset(self.train, chosen * repeats))
 
 
-def digits_splits(img_size: int = 32, split_seed: int = 0, options: Optional[DataOptions] = None) -> DataSplits:
+def digits_splits(img_size: int = 32, split_seed: int = DIGITS_SPLIT_SEED, options: Optional[DataOptions] = None) -> DataSplits:
     """The embedded ``digits`` set as stratified train/val/test splits of ``(3, img_size, img_size)`` tensors.
 
     ``options`` are timm's data flags: ``input_size`` / ``in_chans`` set the size and the channels
@@ -225,18 +227,12 @@ def digits_splits(img_size: int = 32, split_seed: int = 0, options: Optional[Dat
         (0.5,)
     """
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     options = options or DataOptions()
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
-    idx = list(range(len(y)))
-    _, val_frac, test_frac = DIGITS_SPLIT
-    rest, test_idx = train_test_split(idx, test_size=test_frac, stratify=y, random_state=split_seed)
-    train_idx, val_idx = train_test_split(
-        rest, test_size=val_frac / (1 - test_frac), stratify=y[rest], random_state=split_seed
-    )
+    train_idx, val_idx, test_idx = _digits_split(y, split_seed)
     size = tuple(options.input_size or (options.in_chans or 3, img_size, img_size))
     chans = size[0]
     x = F.interpolate(x, size=size[1:], mode="bilinear", align_corners=False).repeat(1, chans, 1, 1)
@@ -265,6 +261,50 @@ def digits_splits(img_size: int = 32, split_seed: int = 0, options: Optional[Dat
     if options.augmented:
         train = ImageSplit([images[i] for i in train_idx], y[train_idx], options.train_transform(data_config))
     return DataSplits(train, split(val_idx), split(test_idx), 10, [str(i) for i in range(10)], size, data_config)
+
+
+def _digits_split(y: torch.Tensor, split_seed: int) -> Tuple[List[int], List[int], List[int]]:
+    """Train / val / test indices into ``load_digits()``: stratified on the labels ``y``, :data:`DIGITS_SPLIT`."""
+    from sklearn.model_selection import train_test_split
+
+    idx = list(range(len(y)))
+    _, val_frac, test_frac = DIGITS_SPLIT
+    rest, test_idx = train_test_split(idx, test_size=test_frac, stratify=y, random_state=split_seed)
+    train_idx, val_idx = train_test_split(
+        rest, test_size=val_frac / (1 - test_frac), stratify=y[rest], random_state=split_seed
+    )
+    return train_idx, val_idx, test_idx
+
+
+def validation_images(dataset: str = "digits", data_dir: Optional[str] = None, split_seed: int = DIGITS_SPLIT_SEED,
+                      options: Optional[DataOptions] = None) -> Tuple[List[Any], List[int], List[str]]:
+    """The validation split of a run's data before any transform, in the split's order (what
+    ``DataSplits.val`` holds, before :meth:`DataSplits.limited`): ``(images, labels, class_names)``.
+
+    An image is a PIL image for ``digits`` (:func:`digit_image`, RGB) and the file path of an
+    ImageFolder's ``data_dir/<options.val_split>/<class>/<image>`` (timm's reader, the classes
+    numbered as training numbers them, ``options.class_map`` included). The test split is never read.
+
+    Example:
+        >>> images, labels, names = validation_images("digits")
+        >>> len(images), images[0].size, labels[:3] == [int(y) for _, y in load_data("digits", img_size=8).val][:3]
+        (360, (8, 8), True)
+    """
+    options = options or DataOptions()
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        if not root.is_dir():
+            raise DataError(f"--data-dir {root} does not exist or is not a directory.")
+        ds = _folder_split(root, options.val_split, None, options=options)
+        return [str(path) for path, _ in ds.reader.samples], _labels(ds), _classes(ds)
+    if dataset != "digits":
+        raise DataError(f"Unknown dataset {dataset!r}; use 'digits' or --data-dir PATH (ImageFolder).")
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    _, val_idx, _ = _digits_split(torch.tensor(data.target, dtype=torch.long), split_seed)
+    return [digit_image(data.images[i]) for i in val_idx], [int(data.target[i]) for i in val_idx], \
+        [str(i) for i in range(10)]
 
 
 def _per_channel(values: Optional[Tuple[float, ...]], chans: int) -> Optional[Tuple[float, ...]]:
@@ -374,7 +414,7 @@ def load_data(
     data_dir: Optional[str] = None,
     img_size: int = 32,
     pretrained_cfg: Optional[Dict[str, Any]] = None,
-    split_seed: int = 0,
+    split_seed: int = DIGITS_SPLIT_SEED,
     options: Optional[DataOptions] = None,
 ) -> DataSplits:
     """Dispatch: ``digits`` (embedded) unless ``data_dir`` is given (ImageFolder); ``options``: timm's data flags.

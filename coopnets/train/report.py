@@ -57,7 +57,8 @@ def epoch_line(r: Mapping[str, Any]) -> str:
 # --- results --------------------------------------------------------------------------
 def write_results(out: Path, info: Mapping[str, Any], rows: List[Dict[str, Any]], about: str) -> str:
     """Write the per-depth table (``results.md``) and accuracy-vs-FLOPs plot (``results.png``); returns the report."""
-    table = format_table(rows, extra=("accuracy", *[k for k in rows[0] if k.startswith("acc ")]))
+    val = ("val_accuracy",) if "val_accuracy" in rows[0] else ()
+    table = format_table(rows, extra=("accuracy", *val, *[k for k in rows[0] if k.startswith("acc ")]))
     split = split_name(info)
     note = ("" if split == "test" else
             " The data has no test split: accuracies are on the validation split, which also picked the deployed net, "

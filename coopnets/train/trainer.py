@@ -19,7 +19,8 @@ trains timm's cooldown epochs) and ``--log-wandb`` logs every epoch (:mod:`.trac
 
 At the end (rank 0 only) the best kept epoch's weights are restored (the last epoch's
 with ``checkpoint_hist=0``) and the net chosen by ``recipe.deployable`` is scored on the test
-split at every depth and profiled (:func:`coopnets.profile`); the per-depth table is
+split at every depth and profiled (:func:`coopnets.profile`); the per-depth table (test
+``accuracy`` and, from that epoch's validation, ``val_accuracy``: what serving trades depths by) is
 printed and written to ``results.md`` and ``results.png`` (accuracy vs FLOPs). The
 deployable net goes to ``model/`` (safetensors), every other child of the recipe (the
 other Teammate, the Leader...) to ``<name>.safetensors``.
@@ -409,6 +410,7 @@ class Trainer:
         rows = profile(nets[best], input_size=self.data.input_size, repeats=self.cfg.profile_repeats, print_table=False)
         for r in rows:
             r["accuracy"] = test[best][r["depth"] - 1]
+            r["val_accuracy"] = self.val_acc[best][r["depth"] - 1]  # the selected epoch's: what serving trades by
             r.update({f"acc {name}": acc[r["depth"] - 1] for name, acc in test.items() if name != best})
         info = {"method": self.cfg.method, "model": self.cfg.model, "dataset": self.cfg.data_dir or self.cfg.dataset,
                 "epochs": self.cfg.epochs, "selected_epoch": epoch, "eval_metric": self.cfg.eval_metric,
@@ -417,7 +419,8 @@ class Trainer:
                 "test_split": self.data.test_split}
         about = (f"Deployable net: **{best}** (best mean val accuracy over depths), weights of epoch {epoch} "
                  f"(best val {self.cfg.eval_metric} of {self.cfg.checkpoint_hist} kept; 0: the last epoch). "
-                 f"`accuracy` is its test accuracy per depth; `acc NAME` columns are the other nets'.")
+                 f"`accuracy` is its test accuracy per depth, `val_accuracy` its validation accuracy at that epoch (what "
+                 f"`coopnets serve` trades depths by); `acc NAME` columns are the other nets' test accuracy.")
         if references:
             info["reference_test_accuracy"] = references
             about += " Plain networks trained in the same run, test accuracy: " + ", ".join(
