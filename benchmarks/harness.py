@@ -20,6 +20,8 @@ What it provides (every name below is part of the stable API):
 * training benchmarks: :func:`recipe_methods` (``cooperative`` first, then the recipes asked
   for or all registered ones), :func:`add_train_arguments` / :func:`train_settings` /
   :func:`describe_training` (the training settings every method of a comparison shares);
+* servers: :class:`ServeProcess` (``coopnets serve`` as a subprocess in its own session on a
+  free port of 127.0.0.1, ready once ``/healthz`` answers, stopped by process group);
 * output: :func:`progress_bar` (tqdm on stderr), :func:`markdown_table`,
   :func:`format_interval`, :func:`pyplot` (matplotlib with the ``Agg`` backend),
   :func:`write_json` (strict JSON: NaN as ``null``) and :class:`Report`, which holds the
@@ -76,6 +78,7 @@ __all__ = [
     "time_interleaved",
     "REFERENCE_METHOD", "recipe_methods", "TRAIN_ARGUMENTS", "add_train_arguments", "train_settings",
     "describe_training",
+    "ServeProcess", "free_port",
     "progress_bar", "markdown_table", "format_interval", "strict_json", "write_json", "pyplot",
 ]
 
@@ -807,3 +810,105 @@ class Report:
             figure.savefig(paths["png"], dpi=dpi)
             pyplot().close(figure)
         return paths
+
+
+# --- servers ------------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """``coopnets serve MODEL ARGS`` on a free port of 127.0.0.1, in its own session (so every process
+    it starts, Ray's included, is stopped with it); ready once ``/healthz`` answers 200.
+
+    Args:
+        model: the ``coopnets serve`` MODEL argument.
+        args: more arguments (``--depth 1``, ``--engine ray``...).
+        log: where its output goes.
+        env: extra environment variables.
+        timeout_s: how long to wait for ``/healthz``.
+    """
+
+    def __init__(self, model: str, args: Sequence[str], log: Path, env: Optional[Mapping[str, str]] = None,
+                 timeout_s: float = 300.0) -> None:
+        import urllib.error
+        import urllib.request
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = ["coopnets", "serve", model, "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.log_path = Path(log)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env.pop("RAY_ADDRESS", None)
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "coopnets.cli", *self.command[1:]], stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                         env=full_env)
+        started = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"`{' '.join(self.command)}` exited ({self.proc.returncode}) before it served:\n"
+                                       f"{self.tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"`{' '.join(self.command)}` did not answer /healthz within {timeout_s:.0f} s "
+                                       f"(last: {last}):\n{self.tail()}")
+                try:
+                    with urllib.request.urlopen(self.url + "/healthz", timeout=10) as r:
+                        if r.status == 200:
+                            break
+                except urllib.error.HTTPError as e:
+                    last = f"HTTP {e.code}"
+                except OSError as e:
+                    last = str(e)
+                time.sleep(0.5)
+        except BaseException:
+            self.close()
+            raise
+        self.startup_s = time.perf_counter() - started
+
+    def tail(self, n: int = 25) -> str:
+        """The last ``n`` lines of its output."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stats(self) -> Dict[str, Any]:
+        """Its ``GET /stats``."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/stats", timeout=30) as r:
+            return json.loads(r.read())
+
+    def close(self) -> None:
+        """SIGTERM to its process group (the server stops what it started), SIGKILL to what is left."""
+        import signal
+
+        for sig, wait_s in ((signal.SIGTERM, 60.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            try:
+                self.proc.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # Ray's workers of that process group that outlived the server: ours to end
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def __enter__(self) -> "ServeProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -27,6 +27,7 @@ __all__ = ["EXPECTED_ERRORS", "SUBCOMMANDS", "build_parser", "command_module", "
 
 #: subcommand (= module name in this package) -> one-line help
 SUBCOMMANDS = {
+    "bench": "load-test a serving endpoint: `coopnets bench serve URL` (open-loop phases, or closed-loop capacity)",
     "demo": "build a zoo model, run every depth and print its per-depth profile",
     "export": "write one depth of a model as a standalone ONNX, TorchScript or safetensors file",
     "push": "publish a finished training run's checkpoint (RUN_DIR/model) to the Hugging Face Hub",

@@ -9,12 +9,16 @@ Engine-free: any server (Ray Serve, a thread pool, :class:`DynamicBatcher`) call
 * :mod:`.calibration` -- what the controller trades depths by: :func:`recorded_accuracies` (the
   checkpoint's validation accuracies first), :func:`measured_accuracies`, and :func:`load_calibration`
   (labelled batches from an ImageFolder or a run folder's validation split);
-* :mod:`.batcher` -- :class:`DynamicBatcher`, an in-process dynamic batcher, and :class:`ServedResult`.
+* :mod:`.batcher` -- :class:`DynamicBatcher`, an in-process dynamic batcher with deadlines, admission
+  (:class:`Overloaded`) and expiry (:class:`DeadlineExpired`), and :class:`ServedResult`;
+* :mod:`.stats` and :mod:`.metrics` -- the counters every server keeps, ``/stats`` and Prometheus' ``/metrics``;
+* the server (``coopnets serve``): :mod:`.core` (one server's request path), :mod:`.http` (the HTTP
+  contract, an ASGI app), :mod:`.local` (the embedded uvicorn engine), :mod:`.ray_engine` (Ray Serve).
 """
-from .batcher import DynamicBatcher, ServedResult
+from .batcher import DeadlineExpired, DynamicBatcher, Overloaded, ServedResult
 from .calibration import RecordedAccuracies, load_calibration, measured_accuracies, recorded_accuracies
 from .controller import Decision, DepthController, ServingOption
 from .latency import LatencyModel
 
-__all__ = ["Decision", "DepthController", "DynamicBatcher", "LatencyModel", "RecordedAccuracies", "ServedResult",
+__all__ = ["DeadlineExpired", "Decision", "DepthController", "DynamicBatcher", "Overloaded", "LatencyModel", "RecordedAccuracies", "ServedResult",
            "ServingOption", "load_calibration", "measured_accuracies", "recorded_accuracies"]
