@@ -21,7 +21,8 @@ What it provides (every name below is part of the stable API):
   for or all registered ones), :func:`add_train_arguments` / :func:`train_settings` /
   :func:`describe_training` (the training settings every method of a comparison shares);
 * servers: :class:`ServeProcess` (``coopnets serve`` as a subprocess in its own session on a
-  free port of 127.0.0.1, ready once ``/healthz`` answers, stopped by process group);
+  free port of 127.0.0.1, ready once ``/healthz`` answers, stopped by process group, then
+  whatever is left of its session), :func:`session_pids` (every process of a session);
 * output: :func:`progress_bar` (tqdm on stderr), :func:`markdown_table`,
   :func:`format_interval`, :func:`pyplot` (matplotlib with the ``Agg`` backend),
   :func:`write_json` (strict JSON: NaN as ``null``) and :class:`Report`, which holds the
@@ -78,7 +79,7 @@ __all__ = [
     "time_interleaved",
     "REFERENCE_METHOD", "recipe_methods", "TRAIN_ARGUMENTS", "add_train_arguments", "train_settings",
     "describe_training",
-    "ServeProcess", "free_port",
+    "ServeProcess", "free_port", "session_pids",
     "progress_bar", "markdown_table", "format_interval", "strict_json", "write_json", "pyplot",
 ]
 
@@ -813,6 +814,30 @@ class Report:
 
 
 # --- servers ------------------------------------------------------------------------------
+def session_pids(sid: int) -> List[int]:
+    """Pids of the live (not zombie) processes of session ``sid``, from ``/proc`` (Linux; empty elsewhere).
+
+    A process started with ``start_new_session=True`` leads a session whose id is its pid, and
+    everything it starts stays in that session unless it calls ``setsid`` itself, even in
+    process groups of its own (Ray's workers do that): the way to find all of a server.
+    """
+    out = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == sid:
+            out.append(int(name))
+    return sorted(out)
+
+
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nothing listens on now."""
     import socket
@@ -889,23 +914,30 @@ class ServeProcess:
         with urllib.request.urlopen(self.url + "/stats", timeout=30) as r:
             return json.loads(r.read())
 
+    def session_pids(self) -> List[int]:
+        """Live processes of its session: the server and everything it started, Ray's actors (each in a
+        process group of its own) and HAProxy included; zombies left out."""
+        out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True).stdout
+        rows = (line.split() for line in out.splitlines() if line.strip())
+        return [int(p) for p, s, stat in rows if int(s) == self.proc.pid and not stat.startswith("Z")]
+
     def close(self) -> None:
-        """SIGTERM to its process group (the server stops what it started), SIGKILL to what is left."""
+        """SIGTERM to the server (it stops what it started); after 60 s, SIGKILL to every process of its session."""
         import signal
 
         for sig, wait_s in ((signal.SIGTERM, 60.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
+            for pid in [self.proc.pid] if sig == signal.SIGTERM else self.session_pids():
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and self.session_pids():
+                self.proc.poll()  # reap the server itself
+                time.sleep(0.2)
+            if not self.session_pids():
                 break
-            try:
-                self.proc.wait(wait_s)
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # Ray's workers of that process group that outlived the server: ours to end
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        self.proc.poll()
 
     def __enter__(self) -> "ServeProcess":
         return self

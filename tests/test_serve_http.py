@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -133,67 +132,21 @@ def check_answer(reply: Dict, image: bytes, reference) -> None:
 
 
 # --- the server subprocess --------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def session_pids(sid: int) -> List[int]:
-    """Live processes of the session ``sid`` (the server and every Ray process it started; zombies left out)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True).stdout
-    rows = (line.split() for line in out.splitlines() if line.strip())
-    return [int(p) for p, s, stat in rows if int(s) == sid and not stat.startswith("Z")]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group; SIGKILL what is left of its session after 30 s."""
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and session_pids(proc.pid):
-            proc.poll()  # reap the server itself
-            time.sleep(0.2)
-        if not session_pids(proc.pid):
-            break
-        for pid in session_pids(proc.pid):  # Ray actors run in their own process groups of this session
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-    proc.wait(timeout=10)
-
-
 @contextmanager
 def serving(model: str, *args: str, log: Path, timeout_s: float = 240) -> Iterator[str]:
-    """Run ``coopnets serve MODEL ARGS`` on a free port; yields its base URL once /healthz answers 200."""
-    pytest.importorskip("ray.serve")
-    port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "coopnets.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    """Run ``coopnets serve MODEL ARGS`` on a free port (``harness.ServeProcess``: its own session, every
+    process of it ended afterwards); yields its base URL once /healthz answers 200."""
+    import harness
+
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"coopnets serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"coopnets serve: /healthz not 200 after {timeout_s} s:\n{log.read_text()[-4000:]}")
-            try:
-                if http(f"{base}/healthz", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        yield base
+        server = harness.ServeProcess(model, args, log, timeout_s=timeout_s)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield server.url
     finally:
-        stop(proc)
+        server.close()
+        assert not server.session_pids(), "coopnets serve left processes behind"
 
 
 def one_line_error(status: int, raw: bytes) -> str:
@@ -436,7 +389,6 @@ def test_cli_replicas_and_autoscaling_settings(capsys, run_dir):
 
 
 def test_cli_port_in_use(capsys, run_dir):
-    pytest.importorskip("ray.serve")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
