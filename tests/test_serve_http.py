@@ -399,7 +399,7 @@ def test_cli_port_in_use(capsys, run_dir):
 def test_cli_without_ray(capsys, run_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.setitem(sys.modules, "ray.serve", None)
-    fails(capsys, ["serve", str(run_dir), "--num-replicas", "2"], "ray[serve] is not installed",
+    fails(capsys, ["serve", str(run_dir), "--num-replicas", "2"], "ray.serve is not installed",
           "pip install 'coopnets[serve]'")
 
 

@@ -23,12 +23,8 @@ TINY = dict(model="test_resnet", img_size=16, limit_train=64, limit_eval=32, bat
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here on one intra-op thread (``one_torch_thread`` in conftest.py)."""
 
 
 def small_model(num_classes: int = 10, label_names: List[str] = ()) -> coopnets.DepthAdaptiveModel:

@@ -15,12 +15,8 @@ SIZE = (3, 32, 32)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here on one intra-op thread (``one_torch_thread`` in conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -135,13 +135,12 @@ def _autoscaling(args: argparse.Namespace, num_replicas: Optional[int]) -> Optio
     return config
 
 
-def check_ray() -> None:
-    """``ImportError`` (one line, with the install command) when Ray Serve is missing."""
+def check_installed(module: str, needed_by: str) -> None:
+    """``ImportError`` (one line, with the install command) when ``module`` of the serve extra is missing."""
     try:
-        importlib.import_module("ray.serve")
+        importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"ray[serve] is not installed ({e}); `coopnets serve --engine ray` runs on Ray Serve: "
-                          f"pip install 'coopnets[serve]'") from None
+        raise ImportError(f"{module} is not installed ({e}); {needed_by} needs it: pip install 'coopnets[serve]'") from None
 
 
 def accuracies_for(model: Any, quiet: bool = False) -> List[float]:
@@ -199,11 +198,8 @@ def run(args: argparse.Namespace) -> int:
     num_replicas = _num_replicas(args.num_replicas)
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     engine = _engine(args, num_replicas, address)
-    if engine == "ray":
-        check_ray()
+    check_installed("ray.serve" if engine == "ray" else "uvicorn", f"`coopnets serve --engine {engine}`")
     autoscaling = _autoscaling(args, num_replicas)
-    if engine == "local":
-        check_uvicorn()
     from ..serving.http import check_port_free
 
     if address is None:  # this machine will listen here
@@ -246,12 +242,3 @@ def run(args: argparse.Namespace) -> int:
                          fast_path=args.ray_fast_path, calibration=calibration, log=log)
     except TimeoutError as e:
         raise bad_value("--address", address or "(local Ray)", f"Ray Serve did not come up: {' '.join(str(e).split())}") from None
-
-
-def check_uvicorn() -> None:
-    """``ImportError`` (one line, with the install command) when the local engine's server is missing."""
-    try:
-        importlib.import_module("uvicorn")
-    except ImportError as e:
-        raise ImportError(f"uvicorn is not installed ({e}); the local engine of `coopnets serve` needs it: "
-                          f"pip install 'coopnets[serve]'") from None
