@@ -16,6 +16,7 @@ import torch
 
 import coopnets
 from coopnets.serving import DeadlineExpired, DynamicBatcher, Overloaded
+from coopnets.serving.arrivals import ArrivalRate
 from coopnets.serving.controller import Decision, ServingOption
 from coopnets.serving.core import ServeSettings, ServingCore
 
@@ -25,8 +26,10 @@ OPTION = ServingOption("depth1", 1, 0.5)
 class StubController:
     """Runs a batch by returning each sample's first value as its logit; optionally held until released."""
 
-    def __init__(self, slo_ms: float = 1000.0, shallowest_ms: float = 1.0) -> None:
+    def __init__(self, slo_ms: float = 1000.0, shallowest_ms: float = 1.0, predicted_ms: float = 1.0) -> None:
         self.slo_ms = slo_ms
+        self.predicted_ms = predicted_ms
+        self.arrivals = ArrivalRate()
         self._shallowest = shallowest_ms
         self.ran: List[List[float]] = []
         self.waited: List[List[float]] = []
@@ -38,15 +41,17 @@ class StubController:
         return self._shallowest
 
     def observe_arrival(self) -> None:
-        pass
+        self.arrivals.observe()
 
-    def run(self, x: torch.Tensor, waited_ms: Sequence[float], *, backlog_waited_ms: Sequence[float] = ()
-            ) -> Tuple[torch.Tensor, torch.Tensor, Decision]:
+    def run(self, x: torch.Tensor, waited_ms: Sequence[float], *, backlog_waited_ms: Sequence[float] = (),
+            on_decision=None) -> Tuple[torch.Tensor, torch.Tensor, Decision]:
+        decision = Decision(OPTION, len(x), self.slo_ms - max(waited_ms), self.predicted_ms, True, 0.0, 1.0)
+        if on_decision is not None:
+            on_decision(decision)
         self.entered.set()
         self.hold.wait(30)
         self.ran.append([float(v) for v in x[:, 0, 0, 0]])
         self.waited.append(list(waited_ms))
-        decision = Decision(OPTION, len(x), self.slo_ms - max(waited_ms), 1.0, True, 0.0, 1.0)
         return x[:, :, 0, 0], torch.ones(len(x), dtype=torch.long), decision
 
 
@@ -136,6 +141,20 @@ def test_admission_sheds_what_even_the_shallowest_depth_cannot_reach():
         assert refused.value.retry_after_s >= 1 and "past the deadline" in str(refused.value)
         assert batcher.submit(image(2)).result(30).depth == 1  # 1 s left: admitted
     assert ctl.ran == [[2.0]] and batcher.stats()["shed"] == 1
+
+
+def test_admission_waits_for_the_running_batchs_predicted_end():
+    ctl = StubController(slo_ms=1000.0, shallowest_ms=1.0, predicted_ms=500.0)
+    ctl.hold.clear()
+    with DynamicBatcher(ctl, max_batch_size=4, shed=True) as batcher:
+        batcher.submit(image(0))
+        assert ctl.entered.wait(30)  # a batch predicted to take 500 ms runs
+        with pytest.raises(Overloaded):
+            batcher.submit(image(1), deadline=batcher.clock() + 0.2)  # its answer would come after ~500 ms
+        admitted = batcher.submit(image(2))  # the SLO's 1 s is enough
+        ctl.hold.set()
+        admitted.result(30)
+    assert [r[0] for r in ctl.ran] == [0.0, 2.0]
 
 
 def test_admission_bounds_the_queue():

@@ -216,16 +216,23 @@ class DynamicBatcher:
         return request
 
     def _admit(self, now: float, deadline: float) -> None:
-        """Raise :class:`Overloaded` unless the shallowest option at full batches reaches a new request in time."""
+        """Raise :class:`Overloaded` unless the shallowest option reaches a new request in time.
+
+        The request waits for the batch running now (the end its decision predicts), then for
+        the full batches ahead of it, then runs in a batch with the rest of the queue ahead;
+        each batch at the shallowest option's predicted time. Requests arriving later may join
+        its batch; the controller then answers with a shallower option, and what still misses
+        expires in the queue (504) instead of delaying the others.
+        """
         ahead = len(self._queue)
         full = self.max_batch_size
-        per_batch_s = self.controller.shallowest_ms(full) / 1e3
-        start = max(now, self._busy_until)
-        drain_s = start - now + math.ceil(ahead / full) * per_batch_s
+        shallowest = self.controller.shallowest_ms
+        start = max(now, self._busy_until) + (ahead // full) * shallowest(full) / 1e3
+        finish = start + shallowest(ahead % full + 1) / 1e3
+        drain_s = start - now
         if ahead >= self.max_queued:
             self._shed += 1
             raise Overloaded(f"the queue is full ({ahead} requests waiting)", drain_s)
-        finish = start + math.ceil((ahead + 1) / full) * per_batch_s
         if finish > deadline:
             self._shed += 1
             raise Overloaded(f"{ahead} requests are ahead; even the shallowest depth would answer "
@@ -305,10 +312,13 @@ class DynamicBatcher:
         waited = [slo - (r.deadline - now) * 1e3 for r in batch]  # slack = the tightest deadline
         with self._cond:
             backlog = [slo - (r.deadline - now) * 1e3 for _, r in zip(range(self.max_batch_size), self._queue)]
-            self._busy_until = now + self.controller.shallowest_ms(len(batch)) / 1e3
+
+        def running(decision: Decision) -> None:  # admission waits for the batch's predicted end
+            self._busy_until = self.clock() + decision.predicted_ms / 1e3
+
         try:
             x = torch.stack([r.x for r in batch])
-            logits, depths, decision = self.controller.run(x, waited, backlog_waited_ms=backlog)
+            logits, depths, decision = self.controller.run(x, waited, backlog_waited_ms=backlog, on_decision=running)
             depths = depths.tolist()
         except BaseException as err:  # every request of the batch learns why
             self._errors += len(batch)

@@ -40,7 +40,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -327,11 +327,13 @@ class DepthController:
         return decision
 
     # --- running ----------------------------------------------------------------------
-    def run(self, x: Tensor, waited_ms: Sequence[float], *,
-            backlog_waited_ms: Sequence[float] = ()) -> Tuple[Tensor, Tensor, Decision]:
+    def run(self, x: Tensor, waited_ms: Sequence[float], *, backlog_waited_ms: Sequence[float] = (),
+            on_decision: Optional[Callable[[Decision], None]] = None) -> Tuple[Tensor, Tensor, Decision]:
         """Decide, run the batch ``x`` and learn its latency; thread-safe (one batch at a time).
 
         Time spent waiting for another caller's batch is added to ``waited_ms`` (and the backlog's).
+        ``on_decision`` is called with the decision before the batch runs (a batcher's admission
+        control reads when the running batch should end).
 
         Returns:
             ``(logits (N, C), per-sample depth run (N,), decision)``.
@@ -343,6 +345,8 @@ class DepthController:
                 waited_ms = [w + queued_ms for w in waited_ms]
                 backlog_waited_ms = [w + queued_ms for w in backlog_waited_ms]
             decision = self.decide(len(x), waited_ms, backlog_waited_ms=backlog_waited_ms)
+            if on_decision is not None:
+                on_decision(decision)
             option = decision.option
             if x.device != self._device:
                 x = x.to(self._device)
