@@ -114,6 +114,22 @@ def test_serve_answers_an_expired_request_at_once_while_a_batch_runs():
     assert ctl.ran == [[1.0]]
 
 
+def test_cancel_takes_out_a_request_behind_others():
+    ctl = StubController()
+    ctl.hold.clear()
+    with DynamicBatcher(ctl, max_batch_size=1) as batcher:
+        batcher.submit(image(0))
+        assert ctl.entered.wait(30)
+        ahead = batcher.submit(image(1))
+        behind = batcher.submit(image(2))
+        assert batcher.cancel(behind) and not batcher.cancel(behind)
+        with pytest.raises(DeadlineExpired):
+            behind.result(30)
+        ctl.hold.set()
+        ahead.result(30)
+    assert [r[0] for r in ctl.ran] == [0.0, 1.0]
+
+
 def test_slack_is_the_tightest_deadline_of_the_batch():
     ctl = StubController(slo_ms=1000.0)
     ctl.hold.clear()

@@ -87,7 +87,7 @@ class ServedResult:
     decision: Decision
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a queue's remove() must not compare the images
 class _Request:
     x: Tensor
     arrival: float
@@ -202,8 +202,7 @@ class DynamicBatcher:
             x = x[0]
         now = self.clock()
         arrival = now if arrival is None else float(arrival)
-        slo_deadline = arrival + self.controller.slo_ms / 1e3
-        deadline = slo_deadline if deadline is None else min(float(deadline), slo_deadline)
+        deadline = self.deadline_of(arrival, deadline)
         request = _Request(x, arrival, deadline, Future())
         self.controller.observe_arrival()  # the arrival rate, on the controller's own clock
         with self._cond:
@@ -214,6 +213,21 @@ class DynamicBatcher:
             self._queue.append(request)
             self._cond.notify()
         return request
+
+    def deadline_of(self, arrival: float, deadline: Optional[float] = None) -> float:
+        """A request's deadline: ``arrival + slo_ms``, or the given ``deadline`` when it is sooner."""
+        slo_deadline = arrival + self.controller.slo_ms / 1e3
+        return slo_deadline if deadline is None else min(float(deadline), slo_deadline)
+
+    def admit(self, deadline: float) -> None:
+        """The admission check of :meth:`submit` (``shed=True``) on its own, counted when it refuses: a
+        server calls it before decoding, so that a request it sheds costs no decoding.
+
+        Raises:
+            Overloaded: even the shallowest option could not answer a request queued now by ``deadline``.
+        """
+        with self._cond:
+            self._admit(self.clock(), deadline)
 
     def _admit(self, now: float, deadline: float) -> None:
         """Raise :class:`Overloaded` unless the shallowest option reaches a new request in time.

@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 #: bodies up to this size are decoded on the event loop (cheaper than a thread hop); larger ones in a thread
 INLINE_DECODE_BYTES = 256 * 2**10
+#: seconds between two measurements of the event loop's lag
+LAG_PERIOD_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,9 @@ class ServingCore:
             repeats=profile_repeats,
         )
         self.stats = ServingStats(settings.slo_ms, self.model.num_depths, replica=replica, sink=sink)
+        #: how late this server's event loop runs its callbacks (s): the wait in front of the arrival stamp
+        self.loop_lag_s = 0.0
+        self._lag_task: Optional[asyncio.Task] = None
         self.batcher = DynamicBatcher(
             self.controller, max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_ms / 1e3,
             shed=settings.shed, max_queued=settings.queue_limit, expire=True, on_batch=self._on_batch,
@@ -171,19 +176,34 @@ class ServingCore:
 
     async def predict(self, body: bytes, arrived: float, timeout_s: Optional[float] = None) -> Reply:
         """Answer one request: ``body`` (image bytes) that arrived at ``arrived`` (``time.perf_counter()``);
-        ``timeout_s``: the client's own deadline, used when tighter than the SLO."""
+        ``timeout_s``: the client's own deadline, used when tighter than the SLO.
+
+        The wait in front of the arrival stamp counts too: when the event loop lags (it runs
+        callbacks late because it is saturated), requests have waited about that long in the
+        socket before the engine parsed them, so the stamp is moved back by the loop's lag; and
+        their answers wait about as long again to be written, so the deadline the batcher
+        admits and expires by is that much sooner.
+        """
+        loop = asyncio.get_running_loop()
+        if self._lag_task is None or self._lag_task.get_loop() is not loop:
+            self._lag_task = loop.create_task(self._watch_loop())
+        lag = self.loop_lag_s
+        arrived -= lag
+        # the answer needs about the lag again to get out: what could only be computed that late is shed or expires
+        deadline = self.batcher.deadline_of(arrived, arrived + timeout_s if timeout_s is not None else None) - lag
         try:
+            if self.settings.shed:
+                self.batcher.admit(deadline)  # before decoding: a shed request costs no decoding
             x = self._preprocess(body) if len(body) <= INLINE_DECODE_BYTES else await asyncio.to_thread(self._preprocess, body)
         except BadRequest as e:
             self.stats.record_error(e.status)
             return error(e.status, e.message)
-        deadline = arrived + timeout_s if timeout_s is not None else None
+        except Overloaded as e:
+            return self._shed(e)
         try:
             result = await self.batcher.serve(x, arrival=arrived, deadline=deadline)
         except Overloaded as e:
-            self.stats.record_shed(503)
-            return error(503, f"overloaded, request shed: {e}; retry after {e.retry_after_s} s",
-                         {"Retry-After": str(e.retry_after_s)})
+            return self._shed(e)
         except DeadlineExpired as e:
             self.stats.record_expired()
             return error(504, f"{e}; it was not computed")
@@ -197,6 +217,18 @@ class ServingCore:
         return Reply(200, {"label": self.labels[int(index)], "index": int(index), "score": float(score),
                            "depth": int(result.depth), "latency_ms": latency_ms})
 
+    def _shed(self, e: Overloaded) -> Reply:
+        self.stats.record_shed(503)
+        return error(503, f"overloaded, request shed: {e}; retry after {e.retry_after_s} s",
+                     {"Retry-After": str(e.retry_after_s)})
+
+    async def _watch_loop(self) -> None:
+        """Keep :attr:`loop_lag_s`: how late a :data:`LAG_PERIOD_S` timer of this event loop fires."""
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(LAG_PERIOD_S)
+            self.loop_lag_s = max(0.0, time.perf_counter() - start - LAG_PERIOD_S)
+
     def check_health(self) -> None:
         """``RuntimeError`` when this server cannot answer: its batch loop is dead or its model fails."""
         if not self.batcher.alive:
@@ -206,7 +238,9 @@ class ServingCore:
             raise RuntimeError("the model's weights are not finite")
 
     def close(self) -> None:
-        """Stop the batch loop (queued requests are still answered)."""
+        """Stop the batch loop (queued requests are still answered) and the loop watch."""
+        if self._lag_task is not None:
+            self._lag_task.cancel()
         self.batcher.close(timeout=30)
 
 

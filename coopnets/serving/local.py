@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib.util
 import signal
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Tuple
@@ -50,6 +51,7 @@ def serve_local(model: "DepthAdaptiveModel", settings: ServeSettings, name: str,
 
     torch.set_num_threads(settings.torch_threads or default_torch_threads())
     core = ServingCore(model, settings, calibration=calibration)
+    gc.freeze()  # the model and imports are long-lived: keep them out of the collector's scans (as Ray Serve does)
     server = Server(uvicorn_config(HttpApp(core, name), host, port))
 
     async def main() -> None:
