@@ -81,6 +81,8 @@ def ws(tmp_path_factory) -> Path:
         "str_args": lambda c: c.update(model_args="plan=exits"),
         "ten": lambda c: c.update(num_classes="ten"),
         "bad_head": lambda c: c["model_args"].update(head=7),
+        "unknown_backbone": lambda c: (c.update(architecture="coop_test_resnt"), c["coopnets"].update(backbone="test_resnt"),
+                                       c["pretrained_cfg"].update(architecture="coop_test_resnt")),
     }.items():
         shutil.copytree(ckpt, ws / "bad" / name)
         edit_config(ws / "bad" / name, edit)
@@ -220,6 +222,8 @@ CLI: Tuple[Tuple[str, str, int, int, Tuple[str, ...]], ...] = (
     ("export-source-a-file", "export {ws}/file.txt --depth 2 --out {ws}/x.onnx", 2, 1, ("is a file, not a checkpoint",)),
     ("export-source-empty-dir", "export {ws}/empty --depth 2 --out {ws}/x.onnx", 2, 1, ("no checkpoint in",)),
     ("export-unknown-name", "export coop_nonet --depth 2 --out {ws}/x.onnx", 2, 1, ("unknown model 'coop_nonet'",)),
+    ("export-wrapped-backbone-timm-lacks", "export {ws}/bad/unknown_backbone --depth 2 --out {ws}/x.onnx", 2, 1,
+     ("Unknown timm backbone 'test_resnt'", "coop_test_resnt", "timm 1.", "Did you mean: test_resnet")),
     ("export-img-size-zero", "export {ws}/ckpt --depth 2 --img-size 0 --out {ws}/x.onnx", 2, 1, ("--img-size 0", ">= 1")),
     ("export-hub-unreachable", "export hf-hub:org/x --depth 2 --format torchscript --out {ws}/x.pt", 2, 1,
      ("hf-hub:org/x", "could not be reached", "127.0.0.1", "Connection refused")),
@@ -234,6 +238,8 @@ CLI: Tuple[Tuple[str, str, int, int, Tuple[str, ...]], ...] = (
     ("push-empty-folder", "push {ws}/empty --repo-id org/x", 2, 1, ("no checkpoint in",)),
     ("push-a-file", "push {ws}/file.txt --repo-id org/x", 2, 1, ("is a file",)),
     ("push-without-repo-id", "push {ws}/ckpt", 2, 2, ("--repo-id", "required")),
+    ("push-create-pr-to-a-branch", "push {ws}/ckpt --repo-id org/x --create-pr --revision dev", 2, 1,
+     ("--revision dev", "--create-pr opens a pull request against the default branch", "drop --revision")),
     # demo (issues 9, 18)
     ("demo-negative-input-size", "demo --model coop_resnet18 --input-size 3 -4 32", 2, 1,
      ("--input-size 3 -4 32", ">= 1")),

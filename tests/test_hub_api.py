@@ -149,6 +149,37 @@ def test_create_pr_opens_a_pull_request_and_leaves_main_alone(hub):
     assert len(hub.requests) == seen  # refused before anything was sent
 
 
+def test_push_cli_create_pr_and_commit_description_open_a_pull_request(hub, tmp_path, capsys):
+    """``coopnets push`` takes push_to_hub's ``create_pr`` and ``commit_description``: a pull request with
+    the run's checkpoint is opened (its commit carries the message and description), ``main`` is unchanged."""
+    base = push_to_hub(tiny(1), "org/tiny", data_config=DATA_CONFIG)
+    run = tmp_path / "run"
+    save_pretrained(tiny(2), run / "model", per_depth=rows(), training=TRAINING, data_config=DATA_CONFIG)
+    assert cli.main(["push", str(run), "--repo-id", "org/tiny", "--create-pr", "--commit-message", "Better weights",
+                     "--commit-description", "3 more epochs on pets"]) == 0
+    out = capsys.readouterr().out
+    repo = hub.repos["org/tiny"]
+    assert repo.branches["main"] == base.oid and repo.pull_requests == {1: "Better weights"}
+    pr_head = repo.branches["refs/pr/1"]
+    assert repo.messages[pr_head] == ("Better weights", "3 more epochs on pets")
+    assert "/org/tiny/discussions/1" in out and "the default branch is unchanged" in out
+    assert f"create_model('hf-hub:org/tiny@{pr_head}', pretrained=True)" in out
+    assert same_weights(tiny(2), coopnets.create_model("hf-hub:org/tiny", pretrained=True, revision="refs/pr/1"))
+    assert same_weights(tiny(1), coopnets.create_model("hf-hub:org/tiny", pretrained=True))
+
+    # a plain push takes the description too
+    assert cli.main(["push", str(run), "--repo-id", "org/other", "--commit-description", "first run"]) == 0
+    other = hub.repos["org/other"]
+    assert other.messages[other.branches["main"]] == ("Upload coopnets checkpoint", "first run")
+
+    seen = len(hub.requests)
+    assert cli.main(["push", str(run), "--repo-id", "org/tiny", "--create-pr", "--revision", "dev"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--revision dev: --create-pr opens a pull request against the default branch" in err
+    assert len(hub.requests) == seen  # refused before anything was sent
+    assert not hub.unrouted, hub.unrouted  # the test Hub served every call, the pull request's included
+
+
 # --- metadata --------------------------------------------------------------------------------
 def test_card_title_names_the_model(hub, tmp_path):
     def title(folder: Path) -> str:

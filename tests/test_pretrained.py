@@ -133,6 +133,47 @@ def test_wrapped_non_zoo_backbone_with_blocks_plan_round_trips(tmp_path):
     assert same_weights(model, loaded) and same_outputs(model, loaded)
 
 
+def test_wrapped_backbone_checkpoints_load_in_timm_and_coopnets_from_a_folder_and_the_hub(hub, tmp_path):
+    """coopnets.wrap(<timm model>) checkpoints record architecture coop_<backbone>, which timm resolves on demand
+    after ``import coopnets`` (issue 28): timm's local-dir:/hf-hub: and coopnets build it the same way, as a zoo entry."""
+    model = coopnets.wrap("test_resnet", num_classes=3, channels=[8, 16, 24, 32]).eval()
+    folder = save_pretrained(model, tmp_path / "ckpt")
+    assert json.loads((folder / "config.json").read_text())["architecture"] == "coop_test_resnet"
+    card = (folder / "README.md").read_text()
+    assert "works too after `import coopnets`" in card and "pipeline(\"image-classification\"" in card  # timm and transformers
+    push_to_hub(model, "org/wrapped")
+    for name in (f"local-dir:{folder}", "hf-hub:org/wrapped"):
+        for create in (timm.create_model, coopnets.create_model):
+            loaded = create(name, pretrained=True)
+            assert isinstance(loaded, coopnets.DepthAdaptiveModel) and loaded.pretrained_cfg["architecture"] == "coop_test_resnet"
+            assert same_weights(model, loaded) and same_outputs(model, loaded)
+    # the name itself works as a zoo name does, and is a coopnets architecture, outside the zoo listing
+    assert coopnets.is_model("coop_test_resnet") and "coop_test_resnet" not in coopnets.list_models()
+    for create in (timm.create_model, coopnets.create_model):
+        built = create("coop_test_resnet", num_classes=3, channels=[8, 16, 24, 32]).model_args()
+        assert {k: built[k] for k in model.model_args()} == model.model_args()  # (+ in_chans, as zoo entries record)
+    assert not hub.unrouted, hub.unrouted
+
+
+def test_a_wrapped_backbone_this_timm_lacks_is_one_line_naming_it_and_the_timm_version(tmp_path, capsys):
+    folder = save_pretrained(coopnets.wrap("test_resnet", num_classes=3), tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    config["architecture"] = config["pretrained_cfg"]["architecture"] = "coop_test_resnt"
+    config["coopnets"]["backbone"] = "test_resnt"
+    (folder / "config.json").write_text(json.dumps(config))
+    message = (rf"Unknown timm backbone 'test_resnt' of coopnets architecture 'coop_test_resnt': timm {timm.__version__} "
+               r"has no model 'test_resnt'. Did you mean: test_resnet.*\? Load it with a timm version that has 'test_resnt'")
+    with pytest.raises(CheckpointError, match=rf"local-dir:.*ckpt: {message}"):
+        coopnets.create_model(f"local-dir:{folder}", pretrained=True)
+    with pytest.raises(RuntimeError, match=message):  # timm's type for unknown names
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert cli_main(["export", str(folder), "--depth", "1", "--out", str(tmp_path / "m.onnx")]) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]  # (after a warning: no data config)
+    assert "Unknown timm backbone 'test_resnt'" in err and f"timm {timm.__version__}" in err
+    with pytest.raises(RuntimeError, match=r"Unknown model \(nonet\)"):  # other names: timm's own answer
+        timm.create_model("nonet")
+
+
 def test_truncated_or_mismatched_local_weights_are_clear_errors(tmp_path):
     folder = save_pretrained(tiny(), tmp_path / "ckpt")
     weights = folder / "model.safetensors"

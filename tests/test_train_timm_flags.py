@@ -377,6 +377,31 @@ def test_sched_on_updates_steps_the_lr_every_update(tmp_path, monkeypatch, on_up
         assert lrs == pytest.approx([0.001] * 4)
 
 
+@pytest.mark.parametrize("on_updates", [False, True])
+def test_sched_none_trains_at_a_constant_lr_as_in_timm(tmp_path, monkeypatch, on_updates):
+    """timm's ``create_scheduler_v2(sched="none")`` is ``None``: the optimizer's lr is never touched (warmup and
+    min-lr flags do not apply), every update and epoch at ``--lr``; ``last.pth`` records no schedule and resumes."""
+    argv = ["--sched", "none", "--lr", "0.05", "--warmup-epochs", "1", "--warmup-lr", "0.001", "--min-lr", "1e-4",
+            "--limit-train", "64", "--epochs", "2"] + (["--sched-on-updates"] if on_updates else [])
+    t = trainer(tmp_path, argv)
+    assert t.scheduler is None and t.num_epochs == 2
+    with pytest.warns(UserWarning, match=r"--sched none keeps the lr constant, so --warmup-epochs, --warmup-lr, --min-lr"):
+        warn_if_misleading(t.cfg, {"warmup_epochs", "warmup_lr", "min_lr", "lr"})
+    lrs: List[float] = []
+    step = t.optimizer.step
+    monkeypatch.setattr(t.optimizer, "step", lambda *a, **k: (lrs.append(t.optimizer.param_groups[0]["lr"]),
+                                                              step(*a, **k))[1])
+    t.fit()
+    assert lrs == [0.05] * 4  # 2 epochs of 64 images in batches of 32
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["lr"]) for r in records if not r.get("final")] == [(1, 0.05), (2, 0.05)]
+    resumed = trainer(tmp_path, [*argv, "--epochs", "3"], resume=True)  # the last --epochs counts
+    assert resumed.scheduler is None and resumed.start_epoch == 2
+    resumed.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if not r.get("final")] == [0.05] * 3
+
+
 # --- the done criterion: a timm user's fine-tuning command, from the CLI -----------------------------------
 def wandb_records(run_file: str):
     """The records of a wandb ``.wandb`` file (LevelDB log blocks of protobuf ``Record``s)."""

@@ -5,16 +5,24 @@
 test Hub, tests/hub_server.py, which must serve everything transformers asks for); logits
 equal to coopnets' own at the checkpoint's depth and at every depth chosen with
 ``pipe.model.timm_model.set_depth(k)``; ``id2label`` equal to the label names; checkpoints of
-formats 1 and 2 (tests/data) upgraded on load.
+formats 1 and 2 (tests/data) upgraded on load. Every checkpoint coopnets writes (zoo entries and
+``coopnets.wrap(<any timm model>)``, formats 1-3) loads in transformers and in timm's ``hf-hub:`` /
+``local-dir:``, ``coop_<backbone>`` registered on demand (issue 28).
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import types
+import warnings
 from pathlib import Path
+from typing import List, Tuple
 
 import numpy as np
 import pytest
+import timm
 import torch
 from huggingface_hub import HfApi
 from PIL import Image
@@ -55,7 +63,7 @@ def coopnets_logits(model: coopnets.DepthAdaptiveModel, image: Image.Image, dept
 def pipeline_logits(pipe, image: Image.Image) -> torch.Tensor:
     """The pipeline's raw logits per class index (``function_to_apply="none"``, every class)."""
     label2id = pipe.model.config.label2id
-    out = pipe(image, top_k=None, function_to_apply="none")
+    out = pipe(image, top_k=len(label2id), function_to_apply="none")  # top_k=None gives at most 5
     logits = torch.empty(len(out))
     for row in out:
         logits[label2id[row["label"]]] = row["score"]
@@ -176,3 +184,139 @@ def test_the_upgrade_hook_patches_transformers_once_and_leaves_other_configs_alo
     assert seen[0]["model_args"] == {"plan": "exits"} and seen[0]["label_names"] == ["a", "b"]
     assert old["model_args"] == {"num_classes": 2, "plan": "exits"}  # the caller's dict is not changed
     assert seen[1] is plain
+
+
+# --- every checkpoint coopnets writes, in every loader (issue 28) ---------------------------------------
+#: format 3, written now: a zoo entry and coopnets.wrap(<timm model>) over each kind of runner and plan
+WRITTEN = {
+    "zoo-coop_resnet18": lambda: coopnets.create_model("coop_resnet18", num_classes=3, **TINY),
+    "wrap-test_resnet": lambda: coopnets.wrap("test_resnet", num_classes=3),
+    "wrap-mobilenetv3_small_100": lambda: coopnets.wrap("mobilenetv3_small_100", num_classes=3),
+    "wrap-test_convnext-blocks": lambda: coopnets.wrap("test_convnext", num_classes=3, plan="blocks"),
+    "wrap-test_vit": lambda: coopnets.wrap("test_vit", num_classes=3, img_size=32),
+}
+#: formats 1 and 2, written by earlier coopnets versions (tests/data, with their expected logits)
+SAVED = ["checkpoint_v1_coop_resnet18", "checkpoint_v1_blocks_coop_resnet18", "checkpoint_v2_coop_resnet18",
+         "checkpoint_v1_wrapped_test_resnet", "checkpoint_v2_wrapped_test_resnet"]
+
+
+def checkpoint(name: str, tmp_path: Path) -> Tuple[Path, torch.Tensor, List[torch.Tensor]]:
+    """The folder of checkpoint ``name``, an input batch and coopnets' logits for it at every depth."""
+    if name in SAVED:
+        expected = torch.load(DATA / f"{name}.expected.pt", weights_only=True)
+        return DATA / name, expected["x"], list(expected["logits"])
+    torch.manual_seed(5)
+    model = WRITTEN[name]().eval()
+    folder = save_pretrained(model, tmp_path / name, data_config=DATA_CONFIG)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        return folder, x, [model.forward_depth(x, d) for d in range(1, model.num_depths + 1)]
+
+
+@pytest.mark.parametrize("name", [*WRITTEN, *SAVED])
+def test_every_checkpoint_loads_in_transformers_and_timm_with_coopnets_logits_at_every_depth(name, hub, tmp_path):
+    """The issue's acceptance test: zoo and wrapped checkpoints of formats 1-3, from a folder and through the test
+    Hub, in AutoModelForImageClassification, pipeline("image-classification") and timm's local-dir:/hf-hub:,
+    after ``import coopnets`` only; logits equal to coopnets' own at every depth set with ``set_depth(k)``."""
+    folder, x, expected = checkpoint(name, tmp_path)
+    if name in WRITTEN:  # the depths differ, so each check means something (the v1 blocks fixture's zero-init
+        assert not torch.allclose(expected[0], expected[-1])  # residual blocks make its depths agree)
+    repo = f"org/{name}"
+    HfApi().create_repo(repo)
+    HfApi().upload_folder(folder_path=str(folder), repo_id=repo)  # published as is: no coopnets in between
+    image = images(1)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # format 1 records no preprocessing: coopnets says so
+        own = coopnets.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        for source, timm_name in ((str(folder), f"local-dir:{folder}"), (repo, f"hf-hub:{repo}")):
+            hf = transformers.AutoModelForImageClassification.from_pretrained(source).eval()
+            from_timm = timm.create_model(timm_name, pretrained=True).eval()
+            pipe = transformers.pipeline("image-classification", model=source)
+            assert all(isinstance(m, coopnets.DepthAdaptiveModel) for m in (hf.timm_model, from_timm, pipe.model.timm_model))
+            for depth, want in enumerate(expected, 1):
+                hf.timm_model.set_depth(depth)
+                from_timm.set_depth(depth)
+                pipe.model.timm_model.set_depth(depth)
+                with torch.no_grad():
+                    torch.testing.assert_close(hf(pixel_values=x).logits, want, atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(from_timm(x), want, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(pipeline_logits(pipe, image), coopnets_logits(own, image, depth), atol=1e-5, rtol=1e-5)
+    assert not hub.unrouted, hub.unrouted
+
+
+def test_wrapped_architectures_are_registered_on_demand_in_a_fresh_interpreter(tmp_path):
+    """``coop_mobilenetv3_small_100`` (what ``coopnets train --model mobilenetv3_small_100`` records) is unknown to
+    timm until transformers or timm resolves it after ``import coopnets``; then it is registered with timm (outside
+    coopnets' zoo listing). A backbone this timm lacks is one line naming it and the timm version."""
+    torch.manual_seed(5)
+    model = coopnets.wrap("mobilenetv3_small_100", num_classes=3).eval()
+    folder = save_pretrained(model, tmp_path / "run" / "model", data_config=DATA_CONFIG)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.save({"x": x, "logits": [model.forward_depth(x, d) for d in range(1, model.num_depths + 1)]}, tmp_path / "want.pt")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    config["architecture"] = config["pretrained_cfg"]["architecture"] = "coop_mobilenetv3_smal_100"
+    config["coopnets"]["backbone"] = "mobilenetv3_smal_100"
+    (broken / "config.json").write_text(json.dumps(config))
+    (broken / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    script = f"""
+import timm, torch, transformers
+import coopnets
+folder, broken, want = {str(folder)!r}, {str(broken)!r}, torch.load({str(tmp_path / "want.pt")!r})
+assert coopnets.is_model("coop_mobilenetv3_small_100")  # a coopnets architecture: coop_<timm backbone>
+assert not timm.is_model("coop_mobilenetv3_small_100")  # not registered with timm yet
+hf = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+assert timm.is_model("coop_mobilenetv3_small_100")  # registered when transformers asked timm for it
+assert "coop_mobilenetv3_small_100" not in coopnets.list_models()  # the zoo listing
+m = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+with torch.no_grad():
+    for depth, logits in enumerate(want["logits"], 1):
+        hf.timm_model.set_depth(depth)
+        m.set_depth(depth)
+        torch.testing.assert_close(hf(pixel_values=want["x"]).logits, logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m(want["x"]), logits, atol=1e-5, rtol=1e-5)
+for load in (lambda: transformers.AutoModelForImageClassification.from_pretrained(broken),
+             lambda: timm.create_model("local-dir:" + broken, pretrained=True),
+             lambda: coopnets.create_model("local-dir:" + broken, pretrained=True)):
+    try:
+        load()
+    except RuntimeError as e:
+        print(type(e).__name__ + ": " + str(e))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 3, done.stdout
+    for line in lines:  # transformers passes coopnets' error on as it is; coopnets adds the checkpoint's location
+        assert "Unknown timm backbone 'mobilenetv3_smal_100' of coopnets architecture 'coop_mobilenetv3_smal_100'" in line
+        assert f"timm {timm.__version__} has no model 'mobilenetv3_smal_100'" in line
+        assert "Did you mean: mobilenetv3_small_100" in line
+    assert lines[0].startswith("UnknownBackboneError") and lines[2].startswith(f"CheckpointError: local-dir:{broken}")
+
+
+def test_a_cli_training_run_of_a_timm_backbone_loads_in_transformers_and_timm(tmp_path):
+    """The issue's report: ``coopnets train --model mobilenetv3_small_100`` writes ``architecture:
+    coop_mobilenetv3_small_100``; RUN/model loads in transformers and timm after ``import coopnets``."""
+    from coopnets.cli import main as coopnets_main
+
+    run = tmp_path / "run"
+    assert coopnets_main(["train", "--model", "mobilenetv3_small_100", "--img-size", "16", "--limit-train", "32",
+                          "--limit-eval", "16", "--batch-size", "16", "--epochs", "1", "--method", "multi_exit",
+                          "--profile-repeats", "1", "--no-progress", "--out", str(run)]) == 0
+    folder = run / "model"
+    assert json.loads((folder / "config.json").read_text())["architecture"] == "coop_mobilenetv3_small_100"
+    own = coopnets.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    hf = transformers.AutoModelForImageClassification.from_pretrained(str(folder)).eval()
+    from_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert hf.config.id2label == dict(enumerate(own.pretrained_cfg["label_names"]))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        for depth in range(1, own.num_depths + 1):
+            hf.timm_model.set_depth(depth)
+            from_timm.set_depth(depth)
+            want = own.forward_depth(x, depth)
+            torch.testing.assert_close(hf(pixel_values=x).logits, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(from_timm(x), want, atol=1e-5, rtol=1e-5)

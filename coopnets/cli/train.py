@@ -102,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer-decay", type=float, default=None, help="layer-wise learning-rate decay")
     parser.add_argument("--clip-grad", type=float, default=None, help="clip gradients at this norm/value")
     parser.add_argument("--clip-mode", default=d.clip_mode, choices=CLIP_MODES, help="gradient clipping mode")
-    parser.add_argument("--sched", default=d.sched, help="timm scheduler name (cosine, step, ...)")
+    parser.add_argument("--sched", default=d.sched,
+                        help="timm scheduler name (cosine, step, ...; none: a constant --lr, as in timm)")
     parser.add_argument("--min-lr", type=float, default=d.min_lr, help="lower lr bound of cyclic schedulers")
     parser.add_argument("--warmup-lr", type=float, default=d.warmup_lr, help="warmup learning rate")
     parser.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="epochs of lr warmup")
@@ -274,14 +275,25 @@ def explicit_settings(args: argparse.Namespace) -> set:
     return given
 
 
+#: the schedule settings ``--sched none`` leaves unused (timm's scheduler factory returns no scheduler)
+SCHEDULE_SETTINGS = ("warmup_epochs", "warmup_lr", "min_lr", "decay_epochs", "decay_rate", "cooldown_epochs",
+                     "sched_on_updates")
+
+
 def warn_if_misleading(cfg: TrainConfig, given: set) -> None:
-    """Warn about asked-for settings this machine will not honour (``--amp-dtype float16`` without CUDA)."""
+    """Warn about asked-for settings this run will not honour (``--amp-dtype float16`` without CUDA, optimizer
+    betas/eps the optimizer has none of, schedule settings with ``--sched none``)."""
     import torch
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.amp and cfg.amp_dtype == "float16" and not device.startswith("cuda") and "amp_dtype" in given:
         warnings.warn(f"--amp-dtype float16 runs on CUDA only: on {device} this run trains in float32 (no mixed "
                       f"precision); use --amp-dtype bfloat16 for mixed precision on a CPU, or --no-amp.", UserWarning)
+    unscheduled = [n for n in SCHEDULE_SETTINGS if n in given] if cfg.sched == "none" else []
+    if unscheduled:  # timm's create_scheduler_v2 makes no scheduler for 'none' and drops them without a word
+        flags, one = ", ".join("--" + n.replace("_", "-") for n in unscheduled), len(unscheduled) == 1
+        warnings.warn(f"--sched none keeps the lr constant, so {flags} {'is' if one else 'are'} ignored (as in "
+                      f"timm's train.py); pick a --sched (cosine, step, ...) to use {'it' if one else 'them'}.", UserWarning)
     try:
         from timm.optim import get_optimizer_info
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Union
 import safetensors.torch
 import timm
 
-from ..models._registry import is_model, list_models
+from ..models._registry import UnknownBackboneError, is_model, list_models
 from ..models.depth_adaptive import DepthAdaptiveModel
 from ..models.plans import structure_keys
 from .format import (
@@ -183,8 +183,11 @@ def create_from_hub(location: HubLocation, pretrained: bool = False, **kwargs: A
     """Build the model of the checkpoint at ``location`` from its config; ``pretrained=True`` loads its weights.
 
     The structure comes from the checkpoint's ``config.json`` (``num_classes`` and
-    ``model_args``; ``kwargs`` override them). Zoo architectures go through timm's registry;
-    checkpoints of other wrapped backbones are rebuilt with :class:`DepthAdaptiveModel`.
+    ``model_args``; ``kwargs`` override them). Zoo architectures and the ``coop_<backbone>`` of
+    other wrapped timm backbones (registered on demand when timm resolves the name:
+    :mod:`coopnets.models.coop_wrapped`) go through timm's registry, as they do in
+    ``timm.create_model`` and transformers; a backbone this timm lacks is a
+    :class:`CheckpointError` naming it and the timm version.
     ``kwargs`` may hold huggingface_hub's ``revision``, ``token``, ``force_download``,
     ``local_files_only`` and ``cache_dir``. Called by ``coopnets.create_model("hf-hub:...")``.
     """
@@ -193,13 +196,15 @@ def create_from_hub(location: HubLocation, pretrained: bool = False, **kwargs: A
     config = read_config(location, **download)
     pretrained_cfg = {**config["pretrained_cfg"], **location.pretrained_cfg_fields()}
     args = {"num_classes": config["num_classes"], **config["model_args"], **kwargs}
-    arch = config["architecture"]
+    arch, backbone = config["architecture"], config["coopnets"].get("backbone")
     try:
-        if is_model(arch):
+        if is_model(arch) or arch == f"coop_{backbone}":  # wrapped backbones: registered on demand by timm's name check
             model = timm.create_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg, **args)
         else:
-            model = DepthAdaptiveModel(config["coopnets"]["backbone"], **args)
+            model = DepthAdaptiveModel(backbone, **args)
             model.pretrained_cfg = model.default_cfg = pretrained_cfg
+    except UnknownBackboneError as e:  # this timm lacks the wrapped backbone
+        raise CheckpointError(f"{location}: {e}") from None
     except (ValueError, TypeError) as e:  # model_args a plan's config or the timm model refuses
         raise CheckpointError(f"{location}: the model_args of its {CONFIG_NAME} do not build a model "
                               f"({' '.join(str(e).split())}). Re-save the checkpoint with coopnets.save_pretrained, "

@@ -4,7 +4,9 @@ transformers (5.x) reads a timm checkpoint (a ``config.json`` with ``pretrained_
 through ``TimmWrapperConfig`` and builds the model with ``timm.create_model(architecture,
 num_classes=config.num_labels, **config.model_args)``; the labels come from the root
 ``label_names``. Checkpoints of the current format load as they are, after ``import
-coopnets`` (which registers the ``coop_*`` architectures with timm). Checkpoints of
+coopnets`` (which registers the zoo's ``coop_*`` architectures with timm, and lets timm register
+the ``coop_<backbone>`` of any other wrapped backbone when it resolves the name:
+:mod:`coopnets.models.coop_wrapped`). Checkpoints of
 formats 1 and 2 recorded ``num_classes`` inside ``model_args`` too (transformers' call then
 fails: "got multiple values for keyword argument 'num_classes'") and their label names
 only in ``pretrained_cfg`` (``id2label`` would be ``LABEL_0...``). That call fails in

@@ -11,6 +11,10 @@ from .runners import IntermediatesRunner, LayoutRunner, Runner, SegmentRunner
 
 # zoo family files register their models on import
 from . import coop_convnext, coop_efficientnet, coop_mobilenetv3, coop_regnet, coop_resnet, coop_swin, coop_vit  # noqa: E402,F401
+# coop_<any timm backbone>: registered when timm (or transformers through it) first resolves the name
+from . import coop_wrapped  # noqa: E402
+
+coop_wrapped.install()
 
 __all__ = [
     "PLANS", "BlocksConfig", "BlocksPlan", "DepthAdaptiveModel", "DepthPlan", "ExitHead", "ExitOutputs", "ExitsConfig",

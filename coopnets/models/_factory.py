@@ -1,6 +1,7 @@
 """``create_model``: the one entry point that builds a depth-adaptive model by name.
 
-A zoo name (``coop_resnet50``, optionally ``.tag``) goes through timm's registry; a
+A zoo name (``coop_resnet50``, optionally ``.tag``) goes through timm's registry, as does
+``coop_<backbone>`` for any other timm backbone (registered on demand: :mod:`.coop_wrapped`); a
 checkpoint location (``hf-hub:ORG/NAME[@REV]``, ``local-dir:PATH``) is rebuilt from its
 ``config.json`` by :func:`coopnets.hub.load.create_from_hub`.
 
@@ -22,6 +23,7 @@ from ..hub.load import create_from_hub
 from ..hub.location import HubLocation
 from ..hub.manifest import BUILDER_HINT
 from ._registry import is_model, list_models, model_names
+from .coop_wrapped import register_wrapped
 from .depth_adaptive import DepthAdaptiveModel
 
 
@@ -35,7 +37,8 @@ def create_model(
 
     Args:
         model_name: a zoo name (``coop_resnet50``), optionally with a pretrained tag
-            (``coop_resnet18.digits``), or ``hf-hub:ORG/NAME[@REVISION]`` /
+            (``coop_resnet18.digits``), ``coop_<backbone>`` for any timm backbone (what
+            ``coopnets.wrap(backbone)`` checkpoints record as their architecture), or ``hf-hub:ORG/NAME[@REVISION]`` /
             ``local-dir:PATH`` for a published checkpoint.
         pretrained: load the coopnets checkpoint of the tag (downloaded from the
             Hugging Face Hub and cached).
@@ -53,7 +56,7 @@ def create_model(
     if HubLocation.is_location(model_name):
         return create_from_hub(HubLocation.parse(model_name), pretrained=pretrained, **kwargs)
     arch, tag = split_model_name_tag(model_name)
-    if not is_model(arch):
+    if not register_wrapped(arch):
         close = difflib.get_close_matches(arch, model_names(), n=5, cutoff=0.5)
         hint = f"Did you mean: {', '.join(close)}?" if close else f"Available: {', '.join(model_names())}."
         wrap_hint = " To wrap any timm backbone, use coopnets.wrap(name)." if timm.is_model(arch) else ""

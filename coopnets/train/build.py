@@ -290,11 +290,13 @@ def make_loader(ds: Dataset, batch_size: int, workers: int, sampler: Optional[Di
 
 # --- optimisation ---------------------------------------------------------------------
 def create_optimization(model: nn.Module, cfg: TrainConfig, world_size: int = 1,
-                        updates_per_epoch: int = 0) -> Tuple[torch.optim.Optimizer, Scheduler, int]:
+                        updates_per_epoch: int = 0) -> Tuple[torch.optim.Optimizer, Optional[Scheduler], int]:
     """timm's optimizer over the trainable parameters of ``model``, its scheduler and the number of epochs to
     train (``--epochs`` plus timm's cooldown), as ``cfg`` names them (:func:`~coopnets.train.timm_flags.optimizer_kwargs`,
     :func:`~coopnets.train.timm_flags.scheduler_kwargs`; ``updates_per_epoch`` for ``--sched-on-updates``).
 
+    ``--sched none`` gives no scheduler (``None``, as timm's ``create_scheduler_v2``): the lr stays ``--lr``
+    (the warmup flags do not apply), as in timm's ``train.py``.
     Frozen parameters (``requires_grad=False``, e.g. a fixed Leader) get no optimizer state.
     ``--layer-decay`` needs ``model.group_matcher`` (timm's layer grouping).
     """

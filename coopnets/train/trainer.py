@@ -225,7 +225,8 @@ class Trainer:
         """``last.pth``: the weights plus everything a resume needs (optimizer, schedule, RNG, best-epoch ledger)."""
         return {
             **self._weights(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
             "epoch": epoch, "elapsed_s": self.elapsed, "rng": rng_state(), "updates": self.updates,
             "best": [list(kept) for kept in self.best.ledger],
         }
@@ -234,7 +235,8 @@ class Trainer:
         try:
             self.recipe.load_state_dict(state["recipe"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scheduler is not None:  # --sched none: no schedule, nothing to restore
+                self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"] or {})
@@ -284,7 +286,8 @@ class Trainer:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.updates += 1
-            self.scheduler.step_update(num_updates=self.updates)  # acts with --sched-on-updates only (timm's)
+            if self.scheduler is not None:  # --sched none: timm's None, the optimizer's lr is left as it is
+                self.scheduler.step_update(num_updates=self.updates)  # acts with --sched-on-updates only (timm's)
             if self.ema is not None:
                 self.ema.update(self.recipe, step=self.updates)
         return out
@@ -365,7 +368,8 @@ class Trainer:
         for epoch in range(self.start_epoch, self.num_epochs):
             start = time.perf_counter()
             stats = self.train_epoch(epoch)
-            self.scheduler.step(epoch + 1)
+            if self.scheduler is not None:
+                self.scheduler.step(epoch + 1)
             ddp.sync_buffers(self.recipe)
             if self.dist.is_main:
                 self.val_acc = self.validate(self.val_loader)
