@@ -264,7 +264,7 @@ def test_wrapped_architectures_are_registered_on_demand_in_a_fresh_interpreter(t
     script = f"""
 import timm, torch, transformers
 import coopnets
-folder, broken, want = {str(folder)!r}, {str(broken)!r}, torch.load({str(tmp_path / "want.pt")!r})
+folder, broken, want = {str(folder)!r}, {str(broken)!r}, torch.load({str(tmp_path / "want.pt")!r}, weights_only=True)
 assert coopnets.is_model("coop_mobilenetv3_small_100")  # a coopnets architecture: coop_<timm backbone>
 assert not timm.is_model("coop_mobilenetv3_small_100")  # not registered with timm yet
 hf = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
