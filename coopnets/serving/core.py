@@ -178,16 +178,19 @@ class ServingCore:
         """Answer one request: ``body`` (image bytes) that arrived at ``arrived`` (``time.perf_counter()``);
         ``timeout_s``: the client's own deadline, used when tighter than the SLO.
 
-        The wait in front of the arrival stamp counts too: when the event loop lags (it runs
-        callbacks late because it is saturated), requests have waited about that long in the
-        socket before the engine parsed them, so the stamp is moved back by the loop's lag; and
-        their answers wait about as long again to be written, so the deadline the batcher
-        admits and expires by is that much sooner.
+        On the local engine the wait in front of the arrival stamp counts too: when its one
+        event loop lags (it runs callbacks late because it is saturated), requests have waited
+        about that long in the socket before uvicorn parsed them, so the stamp is moved back by
+        the loop's lag; and their answers wait about as long again to be written, so the
+        deadline the batcher admits and expires by is that much sooner. (A Ray Serve replica's
+        loop is not its front door, Ray's proxy is: there the stamp stays as it is.)
         """
-        loop = asyncio.get_running_loop()
-        if self._lag_task is None or self._lag_task.get_loop() is not loop:
-            self._lag_task = loop.create_task(self._watch_loop())
-        lag = self.loop_lag_s
+        lag = 0.0
+        if self.settings.engine == "local":  # the engine's only event loop: its lag is the wait in front of the stamp
+            loop = asyncio.get_running_loop()
+            if self._lag_task is None or self._lag_task.get_loop() is not loop:
+                self._lag_task = loop.create_task(self._watch_loop())
+            lag = self.loop_lag_s
         arrived -= lag
         # the answer needs about the lag again to get out: what could only be computed that late is shed or expires
         deadline = self.batcher.deadline_of(arrived, arrived + timeout_s if timeout_s is not None else None) - lag
