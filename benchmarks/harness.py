@@ -917,9 +917,7 @@ class ServeProcess:
     def session_pids(self) -> List[int]:
         """Live processes of its session: the server and everything it started, Ray's actors (each in a
         process group of its own) and HAProxy included; zombies left out."""
-        out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True).stdout
-        rows = (line.split() for line in out.splitlines() if line.strip())
-        return [int(p) for p, s, stat in rows if int(s) == self.proc.pid and not stat.startswith("Z")]
+        return session_pids(self.proc.pid)
 
     def close(self) -> None:
         """SIGTERM to the server (it stops what it started); after 60 s, SIGKILL to every process of its session."""
