@@ -156,7 +156,7 @@ class ServingCore:
         self._lag_task: Optional[asyncio.Task] = None
         self.batcher = DynamicBatcher(
             self.controller, max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_ms / 1e3,
-            shed=settings.shed, max_queued=settings.queue_limit, expire=True, on_batch=self._on_batch,
+            shed=settings.shed, max_queued=settings.queue_limit, expire=True, on_batch=self.stats.record_batch,
         )
 
     @property
@@ -166,9 +166,10 @@ class ServingCore:
                 "label_names": self.labels, "replica": self.replica,
                 "options": [{"name": o.name, "depth": o.depth, "accuracy": o.accuracy} for o in self.controller.options]}
 
-    def _on_batch(self, decision: Any) -> None:
-        self.stats.record_batch(decision)
+    def snapshot(self) -> Dict[str, Any]:
+        """This server's counters (:meth:`ServingStats.snapshot`), with the controller's read now, not per batch."""
         self.stats.set_controller(self.controller.stats())
+        return self.stats.snapshot()
 
     def _preprocess(self, body: bytes) -> Tensor:
         image = decode_image(body, self.settings.max_body_bytes, self.settings.max_pixels)

@@ -107,7 +107,7 @@ class HttpApp:
         self.cluster = cluster or self._one_replica
 
     async def _own_snapshot(self) -> List[Dict[str, Any]]:
-        return [self.core.stats.snapshot()]
+        return [self.core.snapshot()]
 
     @staticmethod
     async def _one_replica() -> Dict[str, Any]:

@@ -116,12 +116,12 @@ class Replica:
             board = self._get_board()
             if board is not None:
                 try:
-                    await board.push.remote(self.core.stats.snapshot())
+                    await board.push.remote(self.core.snapshot())
                 except Exception:  # the board is gone (shutting down): try again next period
                     self._board = None
 
     async def _snapshots(self) -> List[Dict[str, Any]]:
-        own = self.core.stats.snapshot()
+        own = self.core.snapshot()
         board = self._get_board()
         others: List[Dict[str, Any]] = []
         if board is not None:
