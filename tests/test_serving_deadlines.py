@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import List, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Sequence, Tuple
 
 import pytest
 import torch
@@ -59,6 +60,16 @@ def image(tag: float) -> torch.Tensor:
     return torch.full((3, 2, 2), float(tag))
 
 
+@contextmanager
+def held_batch(ctl: StubController, first: float = 0.0, **batcher_kwargs) -> Iterator[DynamicBatcher]:
+    """A batcher whose first batch (image ``first``) is running and held inside the controller."""
+    ctl.hold.clear()
+    with DynamicBatcher(ctl, **batcher_kwargs) as batcher:
+        batcher.submit(image(first))
+        assert ctl.entered.wait(30)
+        yield batcher
+
+
 def test_expired_requests_are_not_computed():
     ctl = StubController()
     ctl.hold.clear()
@@ -80,10 +91,7 @@ def test_expired_requests_are_not_computed():
 
 def test_without_expire_late_requests_are_still_served():
     ctl = StubController()
-    ctl.hold.clear()
-    with DynamicBatcher(ctl, max_batch_size=1) as batcher:
-        batcher.submit(image(1))
-        assert ctl.entered.wait(30)
+    with held_batch(ctl, 1.0, max_batch_size=1) as batcher:
         late = batcher.submit(image(2), deadline=batcher.clock() + 0.001)
         time.sleep(0.01)
         ctl.hold.set()
@@ -116,10 +124,7 @@ def test_serve_answers_an_expired_request_at_once_while_a_batch_runs():
 
 def test_cancel_takes_out_a_request_behind_others():
     ctl = StubController()
-    ctl.hold.clear()
-    with DynamicBatcher(ctl, max_batch_size=1) as batcher:
-        batcher.submit(image(0))
-        assert ctl.entered.wait(30)
+    with held_batch(ctl, max_batch_size=1) as batcher:
         ahead = batcher.submit(image(1))
         behind = batcher.submit(image(2))
         assert batcher.cancel(behind) and not batcher.cancel(behind)
@@ -132,10 +137,7 @@ def test_cancel_takes_out_a_request_behind_others():
 
 def test_slack_is_the_tightest_deadline_of_the_batch():
     ctl = StubController(slo_ms=1000.0)
-    ctl.hold.clear()
-    with DynamicBatcher(ctl, max_batch_size=2, batch_wait_timeout_s=0.0) as batcher:
-        batcher.submit(image(0))
-        assert ctl.entered.wait(30)
+    with held_batch(ctl, max_batch_size=2, batch_wait_timeout_s=0.0) as batcher:
         now = batcher.clock()
         a = batcher.submit(image(1), arrival=now)  # deadline: arrival + SLO (1 s)
         b = batcher.submit(image(2), arrival=now, deadline=now + 0.2)  # its own, tighter: 200 ms
@@ -161,10 +163,7 @@ def test_admission_sheds_what_even_the_shallowest_depth_cannot_reach():
 
 def test_admission_waits_for_the_running_batchs_predicted_end():
     ctl = StubController(slo_ms=1000.0, shallowest_ms=1.0, predicted_ms=500.0)
-    ctl.hold.clear()
-    with DynamicBatcher(ctl, max_batch_size=4, shed=True) as batcher:
-        batcher.submit(image(0))
-        assert ctl.entered.wait(30)  # a batch predicted to take 500 ms runs
+    with held_batch(ctl, max_batch_size=4, shed=True) as batcher:  # a batch predicted to take 500 ms runs
         with pytest.raises(Overloaded):
             batcher.submit(image(1), deadline=batcher.clock() + 0.2)  # its answer would come after ~500 ms
         admitted = batcher.submit(image(2))  # the SLO's 1 s is enough
@@ -175,10 +174,7 @@ def test_admission_waits_for_the_running_batchs_predicted_end():
 
 def test_admission_bounds_the_queue():
     ctl = StubController(slo_ms=60_000.0, shallowest_ms=1.0)
-    ctl.hold.clear()
-    with DynamicBatcher(ctl, max_batch_size=1, shed=True, max_queued=2) as batcher:
-        batcher.submit(image(0))
-        assert ctl.entered.wait(30)
+    with held_batch(ctl, max_batch_size=1, shed=True, max_queued=2) as batcher:
         queued = [batcher.submit(image(i)) for i in (1, 2)]
         with pytest.raises(Overloaded, match="queue is full"):
             batcher.submit(image(3))
