@@ -1481,14 +1481,18 @@ def figure(title: str, res: Mapping[str, Any], slo_ms: float, num_depths: int) -
     return fig
 
 
+def series_arrays(run: Mapping[str, Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A run's per-request ``series``: scheduled time (s), kind of outcome, latency (ms), as arrays."""
+    s = run["series"]
+    return (np.asarray(s["t"], dtype=float), np.asarray(s["kind"], dtype=object),
+            np.asarray(s["latency_ms"], dtype=float))
+
+
 def overload_figure(title: str, ov: Mapping[str, Any], slo_ms: float) -> Any:
     """Outcomes per 0.5 s (on time, late, shed, expired, other) and the server's memory over time."""
     plt = harness.pyplot()
     fig, (ax, axm) = plt.subplots(2, 1, figsize=(12, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1.3]})
-    s = ov["series"]
-    t = np.asarray(s["t"], dtype=float)
-    kind = np.asarray(s["kind"], dtype=object)
-    lat = np.asarray(s["latency_ms"], dtype=float)
+    t, kind, lat = series_arrays(ov)
     phases = ov["phase_list"]
     end = max(p["start"] + p["duration"] for p in phases)
     edges = np.arange(0.0, end + 0.5, 0.5)
@@ -1521,10 +1525,7 @@ def overload_figure(title: str, ov: Mapping[str, Any], slo_ms: float) -> Any:
 def replica_kill_figure(title: str, rk: Mapping[str, Any], slo_ms: float) -> Any:
     plt = harness.pyplot()
     fig, (ax, axa) = plt.subplots(2, 1, figsize=(12, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 1.2]})
-    s = rk["series"]
-    t = np.asarray(s["t"], dtype=float)
-    lat = np.asarray(s["latency_ms"], dtype=float)
-    kind = np.asarray(s["kind"], dtype=object)
+    t, kind, lat = series_arrays(rk)
     ok = kind == "ok"
     ax.scatter(t[ok], np.clip(lat[ok], 0.1, None), s=3, alpha=0.5, lw=0, color="tab:blue", label="answered 200")
     top = 2.0 * max([slo_ms] + [v for v in lat[ok] if math.isfinite(v)])
