@@ -1,7 +1,10 @@
 """``coopnets serve``: serve a depth-adaptive model over HTTP, each batch's depth chosen to meet an SLO.
 
 ``MODEL`` is a zoo name (untrained), ``hf-hub:ORG/NAME[@REV]``, ``local-dir:PATH`` or a
-training run folder (its ``model/`` checkpoint), resolved as ``coopnets export`` does.
+training run folder (its ``model/`` checkpoint), resolved as ``coopnets export`` does. The
+folder of an ``independent`` sweep (``coopnets train --method independent``: one separately
+trained model per depth) is served as a *model family*, the model-switching baseline: the
+same controller then chooses a model per batch (:mod:`coopnets.serving.family`).
 CPU only: the model stays on the CPU. The HTTP contract is :mod:`coopnets.serving.http`'s.
 
 Endpoints:
@@ -36,6 +39,7 @@ Example:
     coopnets serve runs/r18 --slo-ms 100 --host 127.0.0.1 --port 8000
     coopnets serve runs/r18 --calibration-data runs/r18     # early exit, from the run's validation split
     coopnets serve runs/r18 --depth 2                        # baseline: always depth 2
+    coopnets serve runs/r18-independent                      # baseline: a family of 4 separately trained models
     coopnets serve hf-hub:someorg/coop_resnet18.digits --num-replicas 2 --ray-fast-path throughput
     curl -s --data-binary @cat.png http://127.0.0.1:8000/predict
     curl -s http://127.0.0.1:8000/metrics
@@ -162,6 +166,20 @@ def accuracies_for(model: Any, quiet: bool = False) -> List[float]:
     return list(recorded.values)
 
 
+def load_served(source: str, num_classes: Optional[int] = None) -> Any:
+    """The model ``MODEL`` names: an ``independent`` sweep's folder is served as a model family (one
+    model per depth, the model-switching baseline: :class:`~coopnets.serving.family.ModelFamily`),
+    anything else as :func:`~coopnets.cli.export.load_source` loads it."""
+    from ..serving.family import ModelFamily
+
+    if os.path.isdir(source) and ModelFamily.is_sweep(source):
+        family = ModelFamily.from_sweep(source)
+        log(f"{source}: an `independent` sweep, served as a family of {family.num_depths} separately trained models "
+            f"({', '.join(family.names)}), all loaded")
+        return family
+    return load_source(source, num_classes)
+
+
 def log(message: str) -> None:
     print(f"coopnets serve: {message}", file=sys.stderr, flush=True)
 
@@ -204,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
 
     if address is None:  # this machine will listen here
         check_port_free(args.host, args.port)
-    model = load_source(args.model, args.num_classes)
+    model = load_served(args.model, args.num_classes)
     if args.depth is not None and not 1 <= args.depth <= model.num_depths:
         raise bad_value("--depth", args.depth, f"out of range: valid depths of {args.model} are 1..{model.num_depths}")
     calibration = None

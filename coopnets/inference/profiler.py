@@ -61,6 +61,22 @@ def record_calls(model: nn.Module) -> Iterator[Dict[str, int]]:
             h.remove()
 
 
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers, each tensor counted once: the weights it keeps in memory.
+
+    Example:
+        >>> parameter_bytes(torch.nn.Linear(4, 2))  # 8 weights + 2 biases, float32
+        40
+    """
+    seen: Set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
 def used_parameters(model: nn.Module, called: Set[str]) -> int:
     """Parameters of ``model`` that belong to called modules.
 

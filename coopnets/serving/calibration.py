@@ -102,7 +102,8 @@ def _numbers(values: Any, n: int) -> Optional[List[float]]:
 def recorded_accuracies(model: "DepthAdaptiveModel") -> RecordedAccuracies:
     """The per-depth accuracies recorded in the checkpoint ``model`` was loaded from, validation first.
 
-    Order: ``coopnets.per_depth[*].val_accuracy``; else ``coopnets.training.val_accuracy``
+    A model that carries its own table in ``recorded`` (:class:`~coopnets.serving.family.ModelFamily`)
+    gives that. Otherwise, in this order: ``coopnets.per_depth[*].val_accuracy``; else ``coopnets.training.val_accuracy``
     of the deployable net (``training.deployable``); else ``coopnets.per_depth[*].accuracy``
     (test accuracies) with a :attr:`~RecordedAccuracies.warning`.
 
@@ -111,6 +112,9 @@ def recorded_accuracies(model: "DepthAdaptiveModel") -> RecordedAccuracies:
             cannot be read, or it records none of these for every depth; the message says to
             pass ``accuracies=`` (or ``calibration=``) instead.
     """
+    own = getattr(model, "recorded", None)
+    if isinstance(own, RecordedAccuracies):  # a model that carries its own table (a ModelFamily)
+        return own
     cfg = model.pretrained_cfg
     location = None
     if cfg.get("source") in ("local-dir", "hf-hub") or str(cfg.get("architecture", "")).startswith("coop_"):

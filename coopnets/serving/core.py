@@ -36,13 +36,15 @@ import asyncio
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from ..inference.profiler import parameter_bytes
 from .batcher import DeadlineExpired, DynamicBatcher, Overloaded
 from .controller import DepthController
+from .family import ModelFamily
 from .images import BadRequest, decode_image
 from .stats import ServingStats
 
@@ -123,7 +125,8 @@ class ServingCore:
     """A model served with deadlines: see the module docstring.
 
     Args:
-        model: the depth-adaptive model (put in eval mode, on the CPU).
+        model: the depth-adaptive model (put in eval mode, on the CPU), or a
+            :class:`~coopnets.serving.family.ModelFamily` (the model-switching baseline).
         settings: the server's settings.
         calibration: labelled ``(images, labels)`` batches; per-depth accuracy is measured on
             them and early-exit options are added (``settings.early_exit``).
@@ -132,7 +135,7 @@ class ServingCore:
         profile_repeats: timed runs per cell when profiling the latency prior.
     """
 
-    def __init__(self, model: "DepthAdaptiveModel", settings: ServeSettings, *,
+    def __init__(self, model: "Union[DepthAdaptiveModel, ModelFamily]", settings: ServeSettings, *,
                  calibration: Optional[Sequence[Tuple[Tensor, Tensor]]] = None, replica: str = "local",
                  sink: Optional["MetricSink"] = None, profile_repeats: int = 3) -> None:
         import timm
@@ -150,6 +153,9 @@ class ServingCore:
             input_size=tuple(self.data_config["input_size"]), max_batch_size=settings.max_batch_size,
             repeats=profile_repeats,
         )
+        #: what the served weights hold in memory (a model family: per member, with its load time)
+        self._weights: Dict[str, Any] = {"parameter_bytes": parameter_bytes(self.model),
+                                          **(self.model.describe() if isinstance(self.model, ModelFamily) else {})}
         self.stats = ServingStats(settings.slo_ms, self.model.num_depths, replica=replica, sink=sink)
         #: how late this server's event loop runs its callbacks (s): the wait in front of the arrival stamp
         self.loop_lag_s = 0.0
@@ -163,7 +169,7 @@ class ServingCore:
     def info(self) -> Dict[str, Any]:
         """What ``/healthz`` and ``/stats`` say about the model and its options."""
         return {"num_depths": self.model.num_depths, "num_classes": self.model.num_classes,
-                "label_names": self.labels, "replica": self.replica,
+                "label_names": self.labels, "replica": self.replica, **self._weights,
                 "options": [{"name": o.name, "depth": o.depth, "accuracy": o.accuracy} for o in self.controller.options]}
 
     def snapshot(self) -> Dict[str, Any]:
