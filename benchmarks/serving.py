@@ -109,6 +109,8 @@ CHECKPOINT = OUT / "checkpoint"
 PHASES = ("quiet", "burst", "contention", "recovery")
 MODES = ("inprocess", "http")
 CONTROLLERS = ("controller", "controller+ee")
+#: the model-switching baseline: the depth-only controller choosing among separately trained models (--family)
+FAMILY = "family"
 #: the issue's targets
 TARGETS = {
     "attainment": 0.99,  # controllers, every phase, over all requests (mean of the repeats)
@@ -472,15 +474,20 @@ class Checkpoint:
     static: Dict[str, Any]
     calibration_dir: Path
     plans: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    family: Optional[Any] = None  # the model-switching baseline (a ModelFamily), served as policy "family"
+    family_path: Optional[Path] = None
+    family_info: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_depths(self) -> int:
         return int(self.model.num_depths)
 
 
-def prepare_checkpoint(path: Path, tag: str, args: argparse.Namespace, work: Path, bar: Any) -> Checkpoint:
+def prepare_checkpoint(path: Path, tag: str, args: argparse.Namespace, work: Path, bar: Any,
+                       family: Optional[Path] = None) -> Checkpoint:
     """Load ``path``, measure its depths (stop unless they differ enough, or ``--no-depth-check``), choose the
-    static depth and write the calibration ImageFolder."""
+    static depth and write the calibration ImageFolder; with ``family`` (an ``independent`` sweep), load the
+    model family too and measure its members (:func:`family_record`)."""
     from coopnets.inference.budget import depth_for_latency
 
     bar.set_postfix_str(f"{tag}: depth check")
@@ -507,22 +514,54 @@ def prepare_checkpoint(path: Path, tag: str, args: argparse.Namespace, work: Pat
                                                input_size=tuple(data.tensors.shape[1:]))
     names = model.pretrained_cfg.get("label_names") or [str(k) for k in range(model.num_classes)]
     calibration_dir = write_image_folder(val, names, work / f"calibration-{tag}")
-    return Checkpoint(path, tag, model, record, data, val,
-                      {"test_accuracy": test_acc, "val_accuracy": val_acc, "latency": latency, "check": check},
-                      {"depth": int(static_depth), "measured_ms": measured}, calibration_dir)
+    ck = Checkpoint(path, tag, model, record, data, val,
+                    {"test_accuracy": test_acc, "val_accuracy": val_acc, "latency": latency, "check": check},
+                    {"depth": int(static_depth), "measured_ms": measured}, calibration_dir)
+    if family is not None:
+        bar.set_postfix_str(f"{tag}: the model family")
+        ck.family, ck.family_path, ck.family_info = family_record(family, ck, args, bar)
+    return ck
+
+
+def family_record(path: Path, ck: Checkpoint, args: argparse.Namespace, bar: Any) -> Tuple[Any, Path, Dict[str, Any]]:
+    """The model family of ``path`` (:meth:`ModelFamily.from_sweep`) beside checkpoint ``ck``: each member's test
+    and validation accuracy, latency at the served batch sizes, parameter bytes and load time, and the one
+    network's parameter bytes."""
+    from coopnets.inference.profiler import parameter_bytes
+    from coopnets.serving.family import ModelFamily
+
+    family = ModelFamily.from_sweep(path).eval()
+    if family.num_depths != ck.num_depths:
+        raise SystemExit(f"--family {path}: {family.num_depths} members, but {ck.path} has {ck.num_depths} depths; "
+                         f"give the independent sweep of the same backbone")
+    test_acc, val_acc = per_depth_accuracy(family, ck.data), per_depth_accuracy(family, ck.val)
+    latency = depth_latencies(family, tuple(ck.data.tensors.shape[1:]), sorted({1, args.max_batch_size}),
+                              args.latency_repeats, bar)
+    cfg = json.loads((path / "depth1" / "config.json").read_text()) if (path / "depth1" / "config.json").is_file() else {}
+    info = {"path": str(path.relative_to(harness.REPO)) if path.is_relative_to(harness.REPO) else str(path),
+            "members": family.describe()["family"], "test_accuracy": test_acc, "val_accuracy": val_acc,
+            "latency": latency, "parameter_bytes": family.parameter_bytes(),
+            "one_network_parameter_bytes": parameter_bytes(ck.model),
+            "training_command": cfg.get("command") or "(not recorded)"}
+    bar.write(f"{ck.tag} family: test accuracy per member {[round(100 * a, 1) for a in test_acc]} %, "
+              f"{info['parameter_bytes'] / 2**20:.1f} MiB of weights against {info['one_network_parameter_bytes'] / 2**20:.1f}")
+    return family, path, info
 
 
 # --- policies ---------------------------------------------------------------------------------
-def policy_names(requested: Optional[Sequence[str]], num_depths: int) -> List[str]:
-    """``depth1..depthN``, ``static``, ``controller``, ``controller+ee`` (default all; ``fixed`` = every depth).
+def policy_names(requested: Optional[Sequence[str]], num_depths: int, family: bool = False) -> List[str]:
+    """``depth1..depthN``, ``static``, ``controller``, ``controller+ee`` and, with a model family, ``family``
+    (default all; ``fixed`` = every depth).
 
     Example:
         >>> policy_names(None, 3)
         ['depth1', 'depth2', 'depth3', 'static', 'controller', 'controller+ee']
         >>> policy_names(["controller", "fixed"], 2)
         ['depth1', 'depth2', 'controller']
+        >>> policy_names(["depth2", "controller", "family"], 2, family=True)
+        ['depth2', 'controller', 'family']
     """
-    every = [f"depth{d}" for d in range(1, num_depths + 1)] + ["static", *CONTROLLERS]
+    every = [f"depth{d}" for d in range(1, num_depths + 1)] + ["static", *CONTROLLERS] + ([FAMILY] if family else [])
     if not requested:
         return every
     wanted = set()
@@ -532,7 +571,8 @@ def policy_names(requested: Optional[Sequence[str]], num_depths: int) -> List[st
         elif p in every:
             wanted.add(p)
         else:
-            raise SystemExit(f"unknown policy {p!r}: choose from {', '.join(every)} or 'fixed'")
+            hint = " (family needs --family)" if p == FAMILY else ""
+            raise SystemExit(f"unknown policy {p!r}{hint}: choose from {', '.join(every)} or 'fixed'")
     return [p for p in every if p in wanted]
 
 
@@ -545,7 +585,7 @@ def fixed_depth(policy: str, static_depth: Optional[int]) -> Optional[int]:
 
 
 def serve_args(policy: str, static_depth: Optional[int], args: argparse.Namespace, calibration_dir: Path,
-               engine: str = "local", replicas: int = 1) -> List[str]:
+               engine: str = "local", replicas: "int | str" = 1) -> List[str]:
     """The ``coopnets serve`` arguments (after MODEL) of ``policy``.
 
     Example:
@@ -564,8 +604,8 @@ def serve_args(policy: str, static_depth: Optional[int], args: argparse.Namespac
     depth = fixed_depth(policy, static_depth)
     if depth is not None:
         out += ["--depth", str(depth)]
-    elif policy in CONTROLLERS:
-        out += ["--calibration-data", str(calibration_dir)] + (["--no-early-exit"] if policy == "controller" else [])
+    elif policy in CONTROLLERS or policy == FAMILY:  # the family: the depth-only controller over its members
+        out += ["--calibration-data", str(calibration_dir)] + (["--no-early-exit"] if policy != "controller+ee" else [])
     return out + shlex.split(args.server_args or "")
 
 
@@ -791,10 +831,12 @@ def min_burst_overload(mode: str, args: argparse.Namespace) -> float:
 
 
 def start_server(mode: str, policy: str, ck: Checkpoint, args: argparse.Namespace, log: Path) -> Any:
+    family = policy == FAMILY
     if mode == "inprocess":
-        return InProcessServer(ck.model, policy, args, ck.data, ck.val, ck.static["depth"])
-    return HttpServer(ck.path, serve_args(policy, ck.static["depth"], args, ck.calibration_dir, args.engine,
-                                          args.num_replicas), ck.data.pngs, log, args.server_timeout_s)
+        return InProcessServer(ck.family if family else ck.model, policy, args, ck.data, ck.val, ck.static["depth"])
+    return HttpServer(ck.family_path if family else ck.path,
+                      serve_args(policy, ck.static["depth"], args, ck.calibration_dir, args.engine, args.num_replicas),
+                      ck.data.pngs, log, args.server_timeout_s)
 
 
 def set_base_rate(mode: str, server: Any, capacity: float, args: argparse.Namespace, state: Dict[str, Any],
@@ -854,9 +896,16 @@ def run_policy(mode: str, policy: str, repeat: int, ck: Checkpoint, args: argpar
                     events.append((ph.start, lambda name=ph.name: snapper.take(name)))
             events.append((phases[-1].end, lambda: snapper.take("end")))
         bar.set_postfix_str(f"{label}: {len(schedule)} requests")
-        with harness.progress_bar(total=len(schedule), desc=label, unit="req", leave=False) as rbar:
-            outcomes, _ = run_open_loop(schedule.times, request_submit(server, schedule.item), events=events,
-                                        drain_s=args.drain_s, bar=rbar, loop=server.loop)
+        sampler = RssSampler(lambda: harness.session_pids(server.pid), period_s=1.0) if mode == "http" else None
+        if sampler is not None:  # the server's resident memory through the run
+            sampler.start()
+        try:
+            with harness.progress_bar(total=len(schedule), desc=label, unit="req", leave=False) as rbar:
+                outcomes, _ = run_open_loop(schedule.times, request_submit(server, schedule.item), events=events,
+                                            drain_s=args.drain_s, bar=rbar, loop=server.loop)
+        finally:
+            if sampler is not None:
+                sampler.stop()
         snapshots = snapper.ordered([p.name for p in phases if p.name != "warmup"] + ["end"]) if snapper else []
         result = analyse_run(schedule, outcomes, ck.data.labels, args.slo_ms,
                              http_overhead(snapshots) if mode == "http" else None)
@@ -871,6 +920,10 @@ def run_policy(mode: str, policy: str, repeat: int, ck: Checkpoint, args: argpar
             result["server_command"] = server.command
             result["server_stats"] = {k: v for k, v in (snapshots[-1][1] if snapshots else {}).items()
                                       if k not in ("per_replica",)}
+            rss = [mib for _, mib, _ in sampler.samples] if sampler is not None else []
+            result["memory"] = {"rss_median_mib": float(np.median(rss)) if rss else math.nan,
+                                "rss_max_mib": float(max(rss)) if rss else math.nan,
+                                "parameter_bytes": (result["server_stats"].get("model") or {}).get("parameter_bytes")}
         return result
     finally:
         contention.stop()
@@ -1042,13 +1095,13 @@ def run_overload(ck: Checkpoint, args: argparse.Namespace, state: Mapping[str, A
 
 
 # --- replica death ----------------------------------------------------------------------------
-def kill_windows(t_sched: np.ndarray, on_time: np.ndarray, start: float, end: float, kill_at: float,
+def aligned_windows(t_sched: np.ndarray, on_time: np.ndarray, start: float, end: float, kill_at: float,
                  width: float = 1.0) -> List[Dict[str, float]]:
     """Attainment of the requests scheduled in each ``width``-s window of ``[start, end)``, windows aligned at
     ``kill_at`` (the window starting there is the first after the kill).
 
     Example:
-        >>> w = kill_windows(np.array([0.2, 1.1, 1.6, 2.5]), np.array([True, False, True, True]), 0.0, 3.0, 1.0)
+        >>> w = aligned_windows(np.array([0.2, 1.1, 1.6, 2.5]), np.array([True, False, True, True]), 0.0, 3.0, 1.0)
         >>> [(x["start"], x["n"], x["attainment"]) for x in w]
         [(0.0, 1, 1.0), (1.0, 2, 0.5), (2.0, 1, 1.0)]
     """
@@ -1119,7 +1172,7 @@ def replica_kill_summary(schedule: Schedule, outcomes: Sequence[Outcome], labels
     hung = ~np.isfinite(done) | (done - t > limit)
     phases = [schedule.phases[i] for i in run_i]
     start, end = phases[0].start, phases[-1].end
-    windows = kill_windows(t, on_time, start, end, kill_at)
+    windows = aligned_windows(t, on_time, start, end, kill_at)
     before = t < kill_at
     return {"requests": len(outs), "answered_200": kinds.count("ok"), "on_time": int(on_time.sum()),
             "attainment": float(on_time.mean()) if len(outs) else math.nan,
@@ -1201,6 +1254,177 @@ def run_replica_kill(ck: Checkpoint, args: argparse.Namespace, state: Mapping[st
     return out
 
 
+# --- autoscaling alone against depth with autoscaling -----------------------------------------------
+#: the three servers of the step experiment: (name, policy, Ray Serve autoscaling 1 -> 2 replicas)
+AUTOSCALE_RUNS = (("full depth + autoscaling", "full", True), ("controller, 1 replica", "controller", False),
+                  ("controller + autoscaling", "controller", True))
+#: depth shares are reported over these stretches of the step experiment
+SEGMENTS = ("before the step", "step, one replica serving", "step, two serving", "after the step")
+
+
+def autoscaling_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """Ray Serve ``AutoscalingConfig`` of the step experiment: 1 -> 2 replicas, reacting within seconds, never
+    scaling down during the run.
+
+    Example:
+        >>> c = autoscaling_config(argparse.Namespace(autoscale_target=2.0, autoscale_upscale_delay_s=1.0))
+        >>> c["min_replicas"], c["max_replicas"], c["target_ongoing_requests"], c["downscale_delay_s"]
+        (1, 2, 2.0, 600.0)
+    """
+    return {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
+            "target_ongoing_requests": float(args.autoscale_target), "upscale_delay_s": float(args.autoscale_upscale_delay_s),
+            "downscale_delay_s": 600.0, "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
+
+
+class StatsPoller:
+    """``GET /stats`` every ``period_s`` on a thread: ``samples`` of ``(perf_counter time, replicas RUNNING,
+    {replica: requests answered})``."""
+
+    def __init__(self, get: Callable[[], Dict[str, Any]], period_s: float = 0.5) -> None:
+        self.get, self.period_s = get, float(period_s)
+        self.samples: List[Tuple[float, int, Dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stats-poller", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                st = self.get()
+                answered = {r: int(v.get("requests") or 0) for r, v in (st.get("per_replica") or {}).items()}
+                running = int((st.get("cluster") or {}).get("replicas") or len(answered))
+                self.samples.append((time.perf_counter(), running, answered))
+            except Exception:  # a slow or refused /stats under load: the next poll tries again
+                pass
+            self._stop.wait(self.period_s)
+
+    def start(self) -> "StatsPoller":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(35)
+
+
+def second_replica(samples: Sequence[Tuple[float, int, Mapping[str, int]]], start: float) -> Dict[str, float]:
+    """When a second replica was RUNNING and when it had answered (``answered_s``), s from ``start`` (the open
+    loop's clock 0); NaN when it never did.
+
+    Example:
+        >>> second_replica([(10.0, 1, {"a": 5}), (11.0, 2, {"a": 9, "b": 0}), (12.0, 2, {"a": 9, "b": 3})], 10.0)
+        {'running_s': 1.0, 'answered_s': 2.0}
+    """
+    running = next((t - start for t, n, _ in samples if n >= 2), math.nan)
+    answered = next((t - start for t, _, a in samples if sum(1 for v in a.values() if v > 0) >= 2), math.nan)
+    return {"running_s": running, "answered_s": answered}
+
+
+def depth_shares(t_sched: np.ndarray, depths: np.ndarray, edges: Sequence[float]) -> List[Dict[int, float]]:
+    """Per stretch ``[edges[i], edges[i+1])``: the share of the answered requests (depth > 0) at each depth.
+
+    Example:
+        >>> depth_shares(np.array([0.5, 1.5, 1.7, 2.5]), np.array([4, 1, 4, 0]), [0, 1, 2, 3])
+        [{4: 1.0}, {1: 0.5, 4: 0.5}, {}]
+    """
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        d = depths[(t_sched >= lo) & (t_sched < hi) & (depths > 0)]
+        out.append({int(k): float(np.mean(d == k)) for k in sorted(set(d.tolist()))} if len(d) else {})
+    return out
+
+
+def run_autoscale(ck: Checkpoint, args: argparse.Namespace, state: Mapping[str, Any], log_dir: Path,
+                  bar: Any) -> Dict[str, Any]:
+    """The step load (quiet, ``--autoscale-factor`` x for ``--autoscale-step-s``, quiet) against the three
+    :data:`AUTOSCALE_RUNS` servers on Ray Serve, one after the other on the same schedule."""
+    rate = args.autoscale_rate or args.autoscale_load * state["capacity"]
+    quiet, step, after = args.autoscale_durations
+    phases = back_to_back([("quiet", rate, quiet, False), ("step", args.autoscale_factor * rate, step, False),
+                           ("after", rate, after, False)], warmup_s=args.warmup_s, warmup_rate=rate)
+    step_start, step_end = phases[-2].start, phases[-2].end
+    schedule = poisson_schedule(phases, len(ck.data), args.seed + 32452843)
+    config = autoscaling_config(args)
+    runs: Dict[str, Any] = {}
+    for name, policy, auto in AUTOSCALE_RUNS:
+        policy = f"depth{ck.num_depths}" if policy == "full" else policy
+        label = f"{ck.tag} autoscaling: {name}"
+        bar.set_postfix_str(f"{label}: starting Ray")
+        sargs = serve_args(policy, ck.static["depth"], args, ck.calibration_dir, "ray", "auto" if auto else 1)
+        if auto:
+            sargs += ["--autoscaling-config", json.dumps(config)]
+        try:
+            server = HttpServer(ck.path, sargs, ck.data.pngs, log_dir / f"serve-{ck.tag}-autoscale-{policy}-{auto}.log",
+                                args.server_timeout_s)
+        except RuntimeError as e:  # a server that does not come up is reported, not fatal
+            runs[name] = {"error": " ".join(str(e).split())[:600]}
+            continue
+        poller = StatsPoller(server.stats, 0.5)
+        try:
+            poller.start()
+            with harness.progress_bar(total=len(schedule), desc=label, unit="req", leave=False) as rbar:
+                outcomes, start = run_open_loop(schedule.times, request_submit(server, schedule.item),
+                                                drain_s=args.drain_s, bar=rbar, loop=server.loop)
+        finally:
+            poller.stop()
+            server.close()
+        result = analyse_run(schedule, outcomes, ck.data.labels, args.slo_ms)
+        t = np.asarray(schedule.times, dtype=float)
+        lat = latencies_ms(schedule.times, outcomes)
+        depths = np.array([o.depth if o.status == 200 and not o.error else 0 for o in outcomes], dtype=np.int64)
+        second = second_replica(poller.samples, start)
+        serves = second["answered_s"] if auto else math.nan
+        edges = [phases[1].start, step_start, min(serves, step_end) if math.isfinite(serves) else step_end, step_end,
+                 phases[-1].end]
+        result.update({
+            "policy": policy, "autoscaling": auto, "server_command": server.command, "startup_s": server.startup_s,
+            "second_replica": second, "second_serves_after_step_s": serves - step_start if auto else math.nan,
+            "windows": aligned_windows(t, lat <= args.slo_ms, phases[1].start, phases[-1].end, step_start),
+            "depth_shares": dict(zip(SEGMENTS, depth_shares(t, depths, edges))),
+            "replicas_polled": [(ts - start, n) for ts, n, _ in poller.samples],
+            "series": {"t": t.tolist(), "latency_ms": lat.tolist(), "depth": depths.tolist()}})
+        runs[name] = result
+        bar.write(f"{label}: attainment " + " / ".join(f"{100 * result['phases'][p.name]['attainment']:.1f}"
+                                                         for p in phases[1:])
+                  + (f" %; second replica serves {result['second_serves_after_step_s']:.1f} s after the step" if auto else " %"))
+        bar.update(1)
+    return {"rate": rate, "factor": args.autoscale_factor, "durations_s": list(args.autoscale_durations),
+            "config": config, "step_start": step_start, "step_end": step_end,
+            "phase_list": [vars(p) for p in phases], "runs": runs}
+
+
+def autoscale_figure(title: str, au: Mapping[str, Any], slo_ms: float) -> Any:
+    """Per run: 1-s attainment across the step (top) and the mean depth answered per 1-s window (bottom), the
+    step shaded, the second replica's first answer marked."""
+    plt = harness.pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
+    for name, run in au["runs"].items():
+        if "windows" not in run:
+            continue
+        w = run["windows"]
+        x = [(v["start"] + v["end"]) / 2 - au["step_start"] for v in w]
+        line, = top.plot(x, [100 * v["attainment"] for v in w], marker=".", label=name)
+        t = np.asarray(run["series"]["t"]) - au["step_start"]
+        d = np.asarray(run["series"]["depth"])
+        means = [float(d[(t >= v["start"] - au["step_start"]) & (t < v["end"] - au["step_start"]) & (d > 0)].mean())
+                 if ((t >= v["start"] - au["step_start"]) & (t < v["end"] - au["step_start"]) & (d > 0)).any() else math.nan
+                 for v in w]
+        bottom.plot(x, means, marker=".", color=line.get_color(), label=name)
+        serves = run.get("second_serves_after_step_s", math.nan)
+        if math.isfinite(serves):
+            for ax in (top, bottom):
+                ax.axvline(serves, color=line.get_color(), linestyle=":", linewidth=1)
+    for ax in (top, bottom):
+        ax.axvspan(0, au["step_end"] - au["step_start"], color="0.9", zorder=0)
+    top.set_ylabel(f"1-s attainment % (SLO {slo_ms:g} ms)")
+    top.set_ylim(-2, 102)
+    top.legend(loc="lower left", fontsize=8)
+    bottom.set_ylabel("mean depth answered")
+    bottom.set_xlabel("s from the step (shaded: the step; dotted: the second replica's first answer)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 # --- a checkpoint: every mode, policy and repeat, then the experiments --------------------------------
 def run_checkpoint(ck: Checkpoint, policies: Sequence[str], args: argparse.Namespace, log_dir: Path,
                    bar: Any) -> Dict[str, Any]:
@@ -1227,7 +1451,8 @@ def run_checkpoint(ck: Checkpoint, policies: Sequence[str], args: argparse.Names
                                             else f"{load_fraction(mode, args):g} x full depth's measured capacity"),
                        "phases": [vars(p) for p in st["phases"]]}
     out: Dict[str, Any] = {"tag": ck.tag, "checkpoint": ck.record, "depths": ck.depth_info, "static": ck.static,
-                           "modes": modes, "overload": None, "replica_kill": None}
+                           "modes": modes, "overload": None, "replica_kill": None, "autoscale": None,
+                           "family": ck.family_info or None}
     if "http" in args.modes and args.overload:
         try:
             out["overload"] = run_overload(ck, args, states["http"], log_dir, bar)
@@ -1240,6 +1465,8 @@ def run_checkpoint(ck: Checkpoint, policies: Sequence[str], args: argparse.Names
         except RuntimeError as e:
             out["replica_kill"] = {"error": " ".join(str(e).split())[:600]}
         bar.update(1)
+    if "http" in args.modes and args.autoscale:
+        out["autoscale"] = run_autoscale(ck, args, states["http"], log_dir, bar)
     out["targets"] = evaluate_targets(out, ck.num_depths)
     return out
 
@@ -1265,13 +1492,22 @@ def _pct_iv(iv: Mapping[str, Any]) -> str:
 
 
 def evaluate_targets(res: Mapping[str, Any], num_depths: int) -> List[Dict[str, Any]]:
-    """Every target of the issue, per mode and controller policy, and the overload and replica-death ones:
-    ``met`` and the figures behind it (means over the repeats; ``None``: not measurable here)."""
+    """Every target of the issue, per mode and controller policy, and the overload, replica-death, model-family
+    and autoscaling ones: ``met`` and the figures behind it (means over the repeats; ``None``: not measurable here)."""
     rows: List[Dict[str, Any]] = []
     full = f"depth{num_depths}"
 
     def add(target: str, mode: str, policy: str, figure: str, met: Optional[bool]) -> None:
         rows.append({"target": target, "mode": mode, "policy": policy, "figure": figure, "met": met})
+
+    family_targets(res, add)
+    au = res.get("autoscale")
+    for name, run in ((au or {}).get("runs") or {}).items():
+        if run.get("autoscaling") and "second_replica" in run:
+            serves = run["second_serves_after_step_s"]
+            add("autoscaling: the second replica serves during the step", "http", name,
+                f"{serves:.1f} s after the step starts" if math.isfinite(serves) else "never",
+                bool(math.isfinite(serves) and serves < au["step_end"] - au["step_start"]))
 
     for mode, mres in res["modes"].items():
         pol = mres["policies"]
@@ -1384,6 +1620,154 @@ def _recovery_iv(iv: Mapping[str, Any]) -> str:
 
 def _num(iv: Mapping[str, Any], fmt: str = "{:.1f}") -> str:
     return fmt.format(iv["mean"]) if iv and iv.get("n") and math.isfinite(iv["mean"]) else "-"
+
+
+# --- the one network against the model family ------------------------------------------------------
+#: the family comparison: the one network's policy, and its memory at most this share of the family's
+ONE_NETWORK = "controller"
+FAMILY_MEMORY_SHARE = 0.5
+
+
+def family_targets(res: Mapping[str, Any], add: Callable[..., None]) -> None:
+    """The one network (``controller``) against the family (``family``), per mode: effective accuracy at least
+    the family's in every phase, and its memory (parameter bytes; over HTTP also the server's median RSS) at
+    most :data:`FAMILY_MEMORY_SHARE` of the family's.
+
+    Example:
+        >>> ph = lambda a: {n: {"effective_accuracy": {"mean": a, "n": 3}} for n in PHASES}
+        >>> pol = {"controller": {"summary": ph(0.9), "repeats": [{"memory": {"rss_median_mib": 400}}]},
+        ...        "family": {"summary": ph(0.8), "repeats": [{"memory": {"rss_median_mib": 500}}]}}
+        >>> rows = []
+        >>> family_targets({"modes": {"http": {"policies": pol}}, "family": {"parameter_bytes": 100,
+        ...                 "one_network_parameter_bytes": 60}}, lambda *a: rows.append(a))
+        >>> [(r[0][:30], r[4]) for r in rows]  # 0.6x the weights, 0.8x the RSS
+        [('family: effective accuracy >= ', True), ('family: memory <= 1/2 of the f', False), ('family: server memory (median ', False)]
+    """
+    fam = res.get("family")
+    if not fam:
+        return
+    for mode, mres in res["modes"].items():
+        pol = mres["policies"]
+        if ONE_NETWORK not in pol or FAMILY not in pol:
+            continue
+        one, other = pol[ONE_NETWORK]["summary"], pol[FAMILY]["summary"]
+        diffs = {n: mean_of(one, n, "effective_accuracy") - mean_of(other, n, "effective_accuracy") for n in PHASES}
+        add("family: effective accuracy >= the family's in every phase", mode, f"{ONE_NETWORK} vs {FAMILY}",
+            "; ".join(f"{n} {_pct_iv(one[n]['effective_accuracy'])} vs {_pct_iv(other[n]['effective_accuracy'])} "
+                      f"({100 * d:+.1f})" for n, d in diffs.items()),
+            all(d >= 0 for d in diffs.values()))
+        if mode == "inprocess":
+            continue
+        share = fam["one_network_parameter_bytes"] / fam["parameter_bytes"]
+        add(f"family: memory <= 1/{round(1 / FAMILY_MEMORY_SHARE)} of the family's (parameter bytes)", mode,
+            f"{ONE_NETWORK} vs {FAMILY}",
+            f"{fam['one_network_parameter_bytes'] / 2**20:.1f} vs {fam['parameter_bytes'] / 2**20:.1f} MiB ({share:.2f}x)",
+            share <= FAMILY_MEMORY_SHARE)
+        rss = [float(np.median(_finite([(r.get("memory") or {}).get("rss_median_mib") for r in pol[p]["repeats"]])
+                               or [math.nan])) for p in (ONE_NETWORK, FAMILY)]
+        add(f"family: server memory (median RSS) <= 1/{round(1 / FAMILY_MEMORY_SHARE)} of the family's", mode,
+            f"{ONE_NETWORK} vs {FAMILY}", f"{rss[0]:.0f} vs {rss[1]:.0f} MiB ({rss[0] / rss[1]:.2f}x)",
+            rss[0] / rss[1] <= FAMILY_MEMORY_SHARE if all(map(math.isfinite, rss)) else None)
+
+
+def family_section(report: harness.Report, ck: Checkpoint, res: Mapping[str, Any]) -> None:
+    """The model family beside the one network: members, memory, switch cost, and per phase attainment and
+    effective accuracy of both controllers."""
+    fam = res["family"]
+    report.heading(f"{ck.tag}: one network against a model family", 3)
+    report.text(f"The family: `{fam['path']}`, one separately trained network per depth, each on the same data and "
+                "epochs as the one network (the `independent` recipe: member d is run d's truncated network, "
+                "its stem, stages and exit head up to depth d), trained with:")
+    report.code(fam["training_command"])
+    la, fla = ck.depth_info["latency"], fam["latency"]
+    sizes = sorted(la)
+    rows = []
+    for d, m in enumerate(fam["members"], 1):
+        rows.append([d, m["name"], fmt_pct(ck.depth_info["test_accuracy"][d - 1]), fmt_pct(fam["test_accuracy"][d - 1]),
+                     fmt_pct(ck.depth_info["val_accuracy"][d - 1]), fmt_pct(fam["val_accuracy"][d - 1]),
+                     f"{m['parameter_bytes'] / 2**20:.2f}", f"{m['load_s']:.2f}"]
+                    + [f"{la[n]['median_ms'][d]:.2f} / {fla[n]['median_ms'][d]:.2f}" for n in sizes])
+    report.table(["depth", "member", "one network test %", "member test %", "one network val %", "member val %",
+                  "member weights MiB", "member load s (from disk)"]
+                 + [f"ms at batch {n} (one network / member)" for n in sizes], rows)
+    mem_rows = []
+    for mode, mres in res["modes"].items():
+        pol = mres["policies"]
+        if FAMILY not in pol or mode != "http":
+            continue
+        for p, wb in ((ONE_NETWORK, fam["one_network_parameter_bytes"]), (FAMILY, fam["parameter_bytes"])):
+            rss = [(r.get("memory") or {}) for r in pol[p]["repeats"]]
+            mem_rows.append([p, f"{wb / 2**20:.1f}",
+                             " / ".join(f"{m.get('rss_median_mib', math.nan):.0f}" for m in rss),
+                             " / ".join(f"{m.get('rss_max_mib', math.nan):.0f}" for m in rss)])
+    if mem_rows:
+        report.text("Memory: weights (parameters and buffers, counted by the server and reported in `/stats`), and the "
+                    "server's resident memory (VmRSS of its process, every 1 s through each run; per repeat). Switch "
+                    "cost: every member stays loaded, so a switch between sizes costs nothing beyond running the "
+                    "other member; a server that loaded members on demand would pay the member's load time above "
+                    "(safetensors from disk and the export to its depth) at each switch.")
+        report.table(["policy", "weights MiB", "RSS median MiB (per repeat)", "RSS max MiB (per repeat)"], mem_rows)
+    for mode, mres in res["modes"].items():
+        pol = mres["policies"]
+        if FAMILY not in pol or ONE_NETWORK not in pol:
+            continue
+        one, other = pol[ONE_NETWORK]["summary"], pol[FAMILY]["summary"]
+        rows = [[n, _pct_iv(one[n]["attainment"]), _pct_iv(other[n]["attainment"]), _pct_iv(one[n]["effective_accuracy"]),
+                 _pct_iv(other[n]["effective_accuracy"]),
+                 f"{100 * (mean_of(one, n, 'effective_accuracy') - mean_of(other, n, 'effective_accuracy')):+.1f}",
+                 hist_text(one[n]["depth_histogram"]), hist_text(other[n]["depth_histogram"])] for n in PHASES]
+        report.text(f"{mode}: the same depth-only controller, same latency model and calibration images, choosing a "
+                    "depth of the one network or a member of the family per batch:")
+        report.table(["phase", "one network attainment %", "family attainment %", "one network effective accuracy %",
+                      "family effective accuracy %", "difference, points", "one network depths", "family members"],
+                     rows)
+
+
+def autoscale_section(report: harness.Report, args: argparse.Namespace, ck: Checkpoint, au: Mapping[str, Any]) -> None:
+    report.heading(f"{ck.tag}: autoscaling alone against depth with autoscaling", 3)
+    q, st, af = au["durations_s"]
+    report.text(
+        f"Ray Serve (`coopnets serve --engine ray`, Python proxy, one CPU and one torch thread per replica), open "
+        f"loop: {au['rate']:.1f} req/s for {q:g} s, {au['factor']:g}x ({au['factor'] * au['rate']:.1f} req/s) for "
+        f"{st:g} s, then {au['rate']:.1f} req/s for {af:g} s, after a {args.warmup_s:g}-s warm-up; the same schedule "
+        f"for the three servers, one after the other. Autoscaling: `--num-replicas auto --autoscaling-config "
+        f"'{json.dumps(au['config'])}'`. The machine has 2 cores: the load generator, Ray's proxy and controller and "
+        "the replicas share them, so the second replica gets the core the first does not use minus what the proxy "
+        "and the client take; the rate is kept low enough (a share of one local server's full-depth capacity) "
+        "that two replicas at full depth can carry the step.")
+    rows = []
+    for name, run in au["runs"].items():
+        if "phases" not in run:
+            rows.append([name, f"not measured: {run.get('error')}"] + [""] * 8)
+            continue
+        ph = run["phases"]
+        serves = run["second_serves_after_step_s"]
+        sec = run["second_replica"]
+        rows.append([name] + [fmt_pct(ph[n]["attainment"]) for n in ("quiet", "step", "after")]
+                    + [fmt_pct(ph[n]["effective_accuracy"]) for n in ("quiet", "step", "after")]
+                    + [("-" if not run["autoscaling"] else
+                        f"{serves:.1f}" if math.isfinite(serves) else "never")
+                       + ("" if not run["autoscaling"] or not math.isfinite(sec["running_s"])
+                          else f" (RUNNING {sec['running_s'] - au['step_start']:.1f})"),
+                       f"{run['startup_s']:.0f}"])
+    report.table(["server", "attainment % quiet", "step", "after", "effective accuracy % quiet", "step", "after",
+                  "second replica answers, s after the step starts (RUNNING in /stats)", "server start s"], rows)
+    rows = []
+    for name, run in au["runs"].items():
+        if "depth_shares" in run:
+            rows.append([name] + [" ".join(f"d{d}:{100 * v:.0f}%" for d, v in sorted(run["depth_shares"][seg].items()))
+                                  or "-" for seg in SEGMENTS])
+    report.text("Share of the answered requests at each depth, before, during (one replica / two serving) and after "
+                "the step (a server without autoscaling has one replica throughout):")
+    report.table(["server", *SEGMENTS], rows)
+    rows = []
+    for name, run in au["runs"].items():
+        if "windows" in run:
+            w = [v for v in run["windows"] if au["step_start"] - 3 <= v["start"] < au["step_end"] + 3]
+            rows.append([name, " ".join(fmt_pct(v["attainment"], 0) for v in w)])
+    report.text("Attainment % in 1-s windows from 3 s before the step to 3 s after it:")
+    report.table(["server", "1-s windows"], rows)
+    report.image(f"{NAME}_{ck.tag}_autoscale.png", f"{ck.tag}: autoscaling alone against depth with autoscaling")
 
 
 def mode_table(res: Mapping[str, Any]) -> Tuple[List[str], List[List[Any]]]:
@@ -1735,6 +2119,10 @@ def _checkpoint_section(report: harness.Report, args: argparse.Namespace, ck: Ch
             if rss.get("error"):
                 report.text(f"Memory sampling stopped: {rss['error']}.")
             report.image(f"{NAME}_{ck.tag}_overload.png", f"{ck.tag}: overload, outcomes and memory over time")
+    if res.get("family"):
+        family_section(report, ck, res)
+    if res.get("autoscale"):
+        autoscale_section(report, args, ck, res["autoscale"])
     rk = res.get("replica_kill")
     if rk is not None:
         report.heading(f"{ck.tag}: replica death", 3)
@@ -1774,8 +2162,11 @@ def slim(results: Mapping[str, Any]) -> Dict[str, Any]:
                            "repeats": [{k: v for k, v in run.items() if k != "series"} for run in r["repeats"]]}
             modes[mode] = {**mres, "policies": pols}
         drop = lambda d: None if d is None else {k: v for k, v in d.items() if k != "series"}  # noqa: E731
+        au = res.get("autoscale")
+        if au is not None:
+            au = {**au, "runs": {n: drop(r) for n, r in au["runs"].items()}}
         out[tag] = {**res, "modes": modes, "overload": drop(res.get("overload")),
-                    "replica_kill": drop(res.get("replica_kill"))}
+                    "replica_kill": drop(res.get("replica_kill")), "autoscale": au}
     return out
 
 
@@ -1836,6 +2227,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="the most load of the replica-death run, as a share of the Ray server's closed-loop capacity")
     p.add_argument("--replica-kill-s", type=float, default=20.0, help="length of the run, s")
     p.add_argument("--replica-kill-at-s", type=float, default=7.0, help="the SIGKILL, s into the run")
+    p.add_argument("--family", type=Path, action="append", default=None,
+                   help="an `independent` sweep folder (coopnets train --method independent: one network per depth), "
+                        "served as policy 'family', the model-switching baseline; one per --checkpoint, in order")
+    p.add_argument("--autoscale", action="store_true",
+                   help="the step experiment on Ray Serve: full depth with autoscaling 1 -> 2 replicas, the controller "
+                        "on one replica, the controller with autoscaling")
+    p.add_argument("--autoscale-load", type=float, default=0.35,
+                   help="base rate of the step experiment, as a share of one local server's full-depth capacity")
+    p.add_argument("--autoscale-rate", type=float, default=None, help="base rate of the step experiment, req/s")
+    p.add_argument("--autoscale-factor", type=float, default=3.0, help="the step, in multiples of the base rate")
+    p.add_argument("--autoscale-durations", type=float, nargs=3, default=[20.0, 30.0, 30.0],
+                   metavar=("QUIET", "STEP", "AFTER"), help="phase lengths of the step experiment, s")
+    p.add_argument("--autoscale-target", type=float, default=2.0,
+                   help="Ray Serve target_ongoing_requests per replica of the autoscaling servers")
+    p.add_argument("--autoscale-upscale-delay-s", type=float, default=1.0, help="Ray Serve upscale_delay_s")
     p.add_argument("--seed", type=int, default=0, help="seed of the first repeat (repeat k: seed + k - 1)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads of the benchmark process and of every local-engine server")
@@ -1864,6 +2270,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.batch_wait_ms is None:
         args.batch_wait_ms = min(5.0, args.slo_ms / 20)
     args.checkpoint = [c.resolve() for c in (args.checkpoint or [CHECKPOINT])]
+    args.family = [f.resolve() for f in (args.family or [])]
+    if len(args.family) > len(args.checkpoint):
+        raise bad_value("--family", args.family[-1], f"one per --checkpoint at most ({len(args.checkpoint)} given)")
+    if args.autoscale and "http" not in args.modes:
+        raise bad_value("--autoscale", "", "runs over HTTP: add http to --modes")
     if args.overload is None:
         args.overload = "http" in args.modes
     if args.replica_kill is None:
@@ -1897,13 +2308,15 @@ def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> Dict[str, 
             harness.progress_bar(total=sizes * len(args.checkpoint), desc="serving", unit="step") as bar:
         work = Path(tmp)
         checkpoints: List[Checkpoint] = []
-        for path, tag in zip(args.checkpoint, tags):  # every depth check first: a refused checkpoint stops at once
-            ck = prepare_checkpoint(path, tag, args, work, bar)
-            policies = policy_names(args.policies, ck.num_depths)
+        families = args.family + [None] * (len(args.checkpoint) - len(args.family))
+        for path, tag, fam in zip(args.checkpoint, tags, families):  # every depth check first: a refused one stops at once
+            ck = prepare_checkpoint(path, tag, args, work, bar, family=fam)
+            policies = policy_names(args.policies, ck.num_depths, family=ck.family is not None)
             ck.plans = {m: plan_runs(m, policies, ck.static["depth"], ck.num_depths, base_rate_given(m, args) is not None)
                         for m in args.modes}
             checkpoints.append(ck)
-        extra = int(args.overload and "http" in args.modes) + int(args.replica_kill and "http" in args.modes)
+        extra = (int(args.overload and "http" in args.modes) + int(args.replica_kill and "http" in args.modes)
+                 + len(AUTOSCALE_RUNS) * int(args.autoscale))
         bar.total = sizes * len(checkpoints) + sum(args.repeats * sum(len(p["runs"]) for p in ck.plans.values()) + extra
                                                    for ck in checkpoints)
         bar.refresh()
@@ -1913,7 +2326,8 @@ def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> Dict[str, 
                   + f"; {args.repeats} repeat(s); expect about "
                   f"{estimate_s(args, [ck.plans for ck in checkpoints]) / 60:.0f} min")
         for ck in checkpoints:
-            results[ck.tag] = run_checkpoint(ck, policy_names(args.policies, ck.num_depths), args, work, bar)
+            results[ck.tag] = run_checkpoint(ck, policy_names(args.policies, ck.num_depths, family=ck.family is not None),
+                                             args, work, bar)
             bar.write(f"{ck.tag}: done")
     report.finish()
     build_report(report, args, results, checkpoints)
@@ -1929,6 +2343,11 @@ def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> Dict[str, 
         if res.get("overload") and "series" in res["overload"]:
             fig = overload_figure(f"{ck.tag}: overload of `{res['overload']['policy']}`", res["overload"], args.slo_ms)
             fig.savefig(args.out / f"{NAME}_{ck.tag}_overload.png", dpi=100)
+            plt.close(fig)
+        if res.get("autoscale"):
+            fig = autoscale_figure(f"{ck.tag}: a {args.autoscale_factor:g}x step, autoscaling alone against depth with "
+                                   "autoscaling (Ray Serve, 1 -> 2 replicas)", res["autoscale"], args.slo_ms)
+            fig.savefig(args.out / f"{NAME}_{ck.tag}_autoscale.png", dpi=100)
             plt.close(fig)
         if res.get("replica_kill") and "series" in res["replica_kill"]:
             fig = replica_kill_figure(f"{ck.tag}: one of {args.replica_kill_replicas} Ray Serve replicas killed",

@@ -399,3 +399,66 @@ def test_tiny_http_run_with_overload(tiny_checkpoint, tmp_path):
     assert rss["start_mib"] > 10 and rss["max_mib"] >= rss["start_mib"] and rss["end_mib"] > 10
     md = (tmp_path / "serving.md").read_text()
     assert f"{TAG}: overload" in md and "Server memory" in md and "admitted" in md
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """An `independent` sweep's folder of four untrained 16-px runs (one per depth), the model family."""
+    root = tmp_path_factory.mktemp("bench-serving-family") / "sweep"
+    for d in range(1, 5):
+        torch.manual_seed(d)
+        model = coopnets.wrap("test_resnet", num_classes=10)
+        rows = [{"depth": k, "accuracy": 0.5, "val_accuracy": 0.3 + d / 10 if k == d else 0.1} for k in range(1, 5)]
+        coopnets.save_pretrained(model, root / f"depth{d}" / "model", per_depth=rows,
+                                 data_config=digits_splits(img_size=16).pretrained_cfg_fields())
+    return root
+
+
+def test_tiny_http_run_against_a_model_family(tiny_checkpoint, tiny_sweep, tmp_path):
+    """The family is served by `coopnets serve SWEEP` under the same schedule as the one network's controller; the
+    memory report counts every member, and the comparison's table and targets are written."""
+    res = bench.main(["--checkpoint", str(tiny_checkpoint), "--family", str(tiny_sweep), "--modes", "http",
+                      "--no-depth-check", "--policies", "controller", "family", "--repeats", "1", "--http-base-rate",
+                      "30", "--durations", "1", "1", "1", "1", "--warmup-s", "0.5", "--drain-s", "3", "--slo-ms", "300",
+                      "--latency-repeats", "2", "--no-overload", "--no-replica-kill", "--out", str(tmp_path)])
+    ck = res["checkpoints"][TAG]
+    pols = ck["modes"]["http"]["policies"]
+    assert list(pols) == ["controller", "family"]
+    fam_run, one_run = pols["family"]["repeats"][0], pols["controller"]["repeats"][0]
+    assert str(tiny_sweep) in fam_run["server_command"] and str(tiny_sweep) not in one_run["server_command"]
+    assert "--calibration-data" in fam_run["server_command"] and "--no-early-exit" in fam_run["server_command"]
+    info = ck["family"]
+    assert len(info["members"]) == 4 and all(m["load_s"] > 0 for m in info["members"])
+    assert info["parameter_bytes"] == sum(m["parameter_bytes"] for m in info["members"])
+    assert fam_run["memory"]["parameter_bytes"] == info["parameter_bytes"]  # what the server says it holds
+    assert one_run["memory"]["parameter_bytes"] == info["one_network_parameter_bytes"]
+    for run in (fam_run, one_run):
+        assert run["memory"]["rss_max_mib"] >= run["memory"]["rss_median_mib"] > 10
+        assert sum(run["phases"][n]["answered"] for n in bench.PHASES) > 0
+    targets = [t["target"] for t in ck["targets"]]
+    assert any(t.startswith("family: effective accuracy") for t in targets)
+    assert any(t.startswith("family: memory") for t in targets)
+    md = (tmp_path / "serving.md").read_text()
+    assert f"{TAG}: one network against a model family" in md and "member load s" in md
+
+
+def test_stats_poller_and_the_second_replica(monkeypatch):
+    """The step experiment's /stats poller keeps polling through failures; the second replica counts once it answered."""
+    calls = iter([{"per_replica": {"a": {"requests": 3}}, "cluster": {"replicas": 1}}, RuntimeError("busy"),
+                  {"per_replica": {"a": {"requests": 5}, "b": {"requests": 0}}, "cluster": {"replicas": 2}},
+                  {"per_replica": {"a": {"requests": 6}, "b": {"requests": 2}}, "cluster": {"replicas": 2}}])
+
+    def get():
+        v = next(calls, None)
+        if isinstance(v, Exception):
+            raise v
+        return v or {"per_replica": {"a": {"requests": 6}, "b": {"requests": 2}}, "cluster": {"replicas": 2}}
+
+    poller = bench.StatsPoller(get, period_s=0.01).start()
+    while len(poller.samples) < 4:
+        time.sleep(0.01)
+    poller.stop()
+    assert [n for _, n, _ in poller.samples[:3]] == [1, 2, 2]
+    t0 = poller.samples[0][0]
+    second = bench.second_replica(poller.samples, t0)
+    assert second["running_s"] == poller.samples[1][0] - t0 and second["answered_s"] == poller.samples[2][0] - t0
