@@ -585,8 +585,10 @@ def fixed_depth(policy: str, static_depth: Optional[int]) -> Optional[int]:
 
 
 def serve_args(policy: str, static_depth: Optional[int], args: argparse.Namespace, calibration_dir: Path,
-               engine: str = "local", replicas: "int | str" = 1) -> List[str]:
-    """The ``coopnets serve`` arguments (after MODEL) of ``policy``.
+               engine: str = "local", replicas: "int | str" = 1, calibrate: bool = True) -> List[str]:
+    """The ``coopnets serve`` arguments (after MODEL) of ``policy``; ``calibrate=False``: a depth-only controller
+    trades depths by the checkpoint's recorded validation accuracies instead of measuring them on
+    ``calibration_dir`` at start-up (a replica then starts sooner).
 
     Example:
         >>> a = argparse.Namespace(slo_ms=100.0, max_batch_size=8, batch_wait_ms=5.0, torch_threads=1, server_args="")
@@ -594,6 +596,8 @@ def serve_args(policy: str, static_depth: Optional[int], args: argparse.Namespac
         '--slo-ms 100 --max-batch-size 8 --batch-wait-ms 5 --engine local --torch-threads 1 --calibration-data /cal --no-early-exit'
         >>> " ".join(serve_args("static", 3, a, Path("/cal"), engine="ray", replicas=2)[6:])
         '--engine ray --num-replicas 2 --depth 3'
+        >>> " ".join(serve_args("controller", 3, a, Path("/cal"), engine="ray", replicas="auto", calibrate=False)[6:])
+        '--engine ray --num-replicas auto'
     """
     out = ["--slo-ms", f"{args.slo_ms:g}", "--max-batch-size", str(args.max_batch_size),
            "--batch-wait-ms", f"{args.batch_wait_ms:g}"]
@@ -604,7 +608,8 @@ def serve_args(policy: str, static_depth: Optional[int], args: argparse.Namespac
     depth = fixed_depth(policy, static_depth)
     if depth is not None:
         out += ["--depth", str(depth)]
-    elif policy in CONTROLLERS or policy == FAMILY:  # the family: the depth-only controller over its members
+    elif (policy in CONTROLLERS or policy == FAMILY) and (calibrate or policy == "controller+ee"):
+        # the family: the depth-only controller over its members
         out += ["--calibration-data", str(calibration_dir)] + (["--no-early-exit"] if policy != "controller+ee" else [])
     return out + shlex.split(args.server_args or "")
 
@@ -1349,7 +1354,8 @@ def run_autoscale(ck: Checkpoint, args: argparse.Namespace, state: Mapping[str, 
         policy = f"depth{ck.num_depths}" if policy == "full" else policy
         label = f"{ck.tag} autoscaling: {name}"
         bar.set_postfix_str(f"{label}: starting Ray")
-        sargs = serve_args(policy, ck.static["depth"], args, ck.calibration_dir, "ray", "auto" if auto else 1)
+        sargs = serve_args(policy, ck.static["depth"], args, ck.calibration_dir, "ray", "auto" if auto else 1,
+                           calibrate=False)  # recorded validation accuracies: a new replica starts sooner
         if auto:
             sargs += ["--autoscaling-config", json.dumps(config)]
         try:
@@ -1677,7 +1683,8 @@ def family_section(report: harness.Report, ck: Checkpoint, res: Mapping[str, Any
     report.heading(f"{ck.tag}: one network against a model family", 3)
     report.text(f"The family: `{fam['path']}`, one separately trained network per depth, each on the same data and "
                 "epochs as the one network (the `independent` recipe: member d is run d's truncated network, "
-                "its stem, stages and exit head up to depth d), trained with:")
+                "its stem, stages and exit head up to depth d); run 1 was trained with the command below, run d "
+                "the same with `--recipe-opt depth=d`:")
     report.code(fam["training_command"])
     la, fla = ck.depth_info["latency"], fam["latency"]
     sizes = sorted(la)
@@ -1731,7 +1738,9 @@ def autoscale_section(report: harness.Report, args: argparse.Namespace, ck: Chec
         f"loop: {au['rate']:.1f} req/s for {q:g} s, {au['factor']:g}x ({au['factor'] * au['rate']:.1f} req/s) for "
         f"{st:g} s, then {au['rate']:.1f} req/s for {af:g} s, after a {args.warmup_s:g}-s warm-up; the same schedule "
         f"for the three servers, one after the other. Autoscaling: `--num-replicas auto --autoscaling-config "
-        f"'{json.dumps(au['config'])}'`. The machine has 2 cores: the load generator, Ray's proxy and controller and "
+        f"'{json.dumps(au['config'])}'`. The controller trades depths by the checkpoint's recorded validation "
+        "accuracies (no `--calibration-data`, so a new replica only loads and profiles before it serves). "
+        "The machine has 2 cores: the load generator, Ray's proxy and controller and "
         "the replicas share them, so the second replica gets the core the first does not use minus what the proxy "
         "and the client take; the rate is kept low enough (a share of one local server's full-depth capacity) "
         "that two replicas at full depth can carry the step.")
