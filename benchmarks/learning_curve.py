@@ -22,7 +22,12 @@ Reported in ``--out`` (``learning_curve.md`` / ``.png`` / ``.json``):
   ``resnet18`` with ``model_kwargs={"exit_points": "blocks"}`` (an exit after every
   residual block, two per stage, as MLCSD-Net; ``--no-exit8`` skips it);
 * training cost: the trainer's ``wall_time_s`` (``independent``: the sum of its one run
-  per depth), mean per method, relative to ``cooperative``.
+  per depth), mean per method, relative to ``cooperative``;
+* the section "Exit heads" (``--heads KIND ...``): ``--heads-methods`` (``cooperative`` and
+  ``multi_exit``) on each of ``--heads-models`` with every exit-head kind (``model_kwargs=
+  {"head": KIND}``; ``auto`` is each family's default), the same seeds and sizes; per depth the
+  accuracy of each kind and its paired difference from the first kind (cooperative: the
+  Teammates' mean). ``--no-main`` runs that section alone.
 
 Runs execute ``--jobs`` at a time in subprocesses (one torch thread each). Each finished
 run's summary is written to ``RUNS_DIR/<section>/<method>-n<size>-s<seed>.json`` at once,
@@ -34,6 +39,8 @@ Examples::
 
     python benchmarks/learning_curve.py                       # the committed study (digits)
     python benchmarks/learning_curve.py --resume              # continue / add the 8-exit section
+    python benchmarks/learning_curve.py --no-main --no-exit8 --heads conv auto --sizes 200 \
+        --out benchmarks/results/exit_heads_accuracy --runs-dir runs/lc-heads   # exit heads compared
     python benchmarks/learning_curve.py --data-dir /data/imagenette --model resnet18 --img-size 128 \\
         --sizes 100 500 2000 all --out results/imagenette --runs-dir runs/lc-imagenette
 """
@@ -60,6 +67,10 @@ REFERENCE = harness.REFERENCE_METHOD
 
 NAME = "learning_curve"
 MAIN, EXIT8 = "main", "exit8"
+#: sections of the exit-head comparison are named ``heads-<model>-<kind>``
+HEADS = "heads"
+#: a head kind loses "more than" this much (points, mean difference) at some depth: the report says so
+HEAD_LOSS_POINTS = 0.5
 #: the deployed Teammate, the other one, their mean (rows of ``cooperative``)
 COOP_DEPLOYED, COOP_OTHER, COOP_MEAN = REFERENCE, f"{REFERENCE} (other teammate)", f"{REFERENCE} (teammates' mean)"
 HANDWRITTEN = "## What this shows"
@@ -280,6 +291,79 @@ def analyse(records: List[Mapping[str, Any]]) -> Dict[str, Any]:
     return result
 
 
+# --- exit heads -----------------------------------------------------------------------------
+def heads_section(model: str, kind: str) -> str:
+    return f"{HEADS}-{model}-{kind}"
+
+
+def resolved_head(model: str, kind: str) -> str:
+    """The exit-head kind ``kind`` builds on ``model`` (``auto``: the family's default), for the report."""
+    import coopnets
+
+    net = coopnets.wrap(model, num_classes=2, head=kind)
+    return str(getattr(net.exits[0], "kind", kind))
+
+
+def head_rows(records: Iterable[Mapping[str, Any]], model: str, kinds: Sequence[str]) -> Dict[str, Any]:
+    """``"<row>@<kind>"`` -> size -> seed -> per-depth accuracy, over the head sections of ``model``
+    (cooperative's rows are its three: deployed, other, Teammates' mean)."""
+    rows: Dict[str, Any] = {}
+    sections = {heads_section(model, k): k for k in kinds}
+    for section, per_row in by_row(r for r in records if r["section"] in sections).items():
+        for name, sizes in per_row.items():
+            rows[f"{name}@{sections[section]}"] = sizes
+    return rows
+
+
+def analyse_heads(records: List[Mapping[str, Any]], models: Sequence[str], kinds: Sequence[str],
+                  methods: Sequence[str]) -> Dict[str, Any]:
+    """Per model and method: each kind's per-depth summary, and each later kind minus the first (paired by seed).
+
+    Cooperative is compared through its Teammates' mean (no best-of-two selection).
+    """
+    out: Dict[str, Any] = {}
+    for model in models:
+        rows = head_rows(records, model, kinds)
+        per_method = {}
+        for method in methods:
+            name = COOP_MEAN if method == REFERENCE else method
+            summary = summarise({k: rows[f"{name}@{k}"] for k in kinds if f"{name}@{k}" in rows})
+            diffs = {k: differences(rows, f"{name}@{k}", f"{name}@{kinds[0]}") for k in kinds[1:]}
+            per_method[name] = {"summary": summary, "minus_first": diffs}
+        out[model] = per_method
+    return out
+
+
+def heads_markdown(res: Mapping[str, Any], kinds: Sequence[str], resolved: Mapping[str, Mapping[str, str]],
+                   full: Optional[int]) -> List[str]:
+    """Per model, method and size: accuracy per depth of every head kind, and each kind minus the first."""
+    md: List[str] = []
+    for model, per_method in res.items():
+        names = ", ".join(f"`{k}` = {resolved[model][k]}" for k in kinds)
+        md += [f"**`{model}`** ({names}):", ""]
+        for method, r in per_method.items():
+            sizes = sorted({s for v in r["summary"].values() for s in v})
+            for size in sizes:
+                depths = max(len(r["summary"][k][size]["per_depth"]) for k in r["summary"] if size in r["summary"][k])
+                body = [[f"`{k}`"] + [pct(iv) for iv in r["summary"][k][size]["per_depth"]]
+                        + [f"**{pct(r['summary'][k][size]['mean'])}**"] for k in kinds if size in r["summary"].get(k, {})]
+                losses = []
+                for k, diffs in r["minus_first"].items():
+                    if size not in diffs:
+                        continue
+                    d = diffs[size]
+                    body.append([f"`{k}` minus `{kinds[0]}`"] + [diff_cell(x) for x in d["per_depth"]]
+                                + [f"**{diff_cell(d['mean'])}**"])
+                    losses += [f"`{k}` at depth {i + 1} ({100 * x['mean']:+.1f})" for i, x in enumerate(d["per_depth"])
+                               if 100 * x["mean"] < -HEAD_LOSS_POINTS]
+                md += [f"_`{method}`, {size_label(size, full)} training images_ (test accuracy %, mean [95 % "
+                       "t-interval] over seeds; differences in points, (seeds ahead / seeds)):", ""]
+                md += table(["head"] + [f"depth {d + 1}" for d in range(depths)] + ["mean over depths"], body)
+                md += ["", ("Loses more than " f"{HEAD_LOSS_POINTS:g} points (mean): " + ", ".join(losses) + ".")
+                       if losses else f"No depth loses more than {HEAD_LOSS_POINTS:g} points (mean).", ""]
+    return md
+
+
 # --- report -------------------------------------------------------------------------------
 def pct(iv: Mapping[str, float], signed: bool = False) -> str:
     """``93.1 [91.8, 94.4]`` (percent points; NaN bounds for a single seed are left out)."""
@@ -388,6 +472,15 @@ def report_of(analysis: Mapping[str, Any], meta: Mapping[str, Any], md_path: Pat
                     "\n".join(section_markdown(analysis[EXIT8], meta.get("full_size"))))
     else:
         report.text(meta.get("exit8_note") or "Not run.")
+    heads = meta.get("heads")
+    if heads:
+        report.heading("Exit heads")
+        report.text(f"`{'`, `'.join(heads['methods'])}` with each exit-head kind on each backbone: "
+                    f"`model_kwargs={{\"head\": KIND}}`, {heads['img_size']} px, {heads['epochs']} epochs, the same "
+                    "seeds, subsets and optimiser; otherwise as above. The first kind is the reference of the "
+                    "paired differences.",
+                    "\n".join(heads_markdown(meta["heads_analysis"], heads["kinds"], heads["resolved"],
+                                             meta.get("full_size"))))
     report.keep_from(md_path, HANDWRITTEN, default=f"{HANDWRITTEN}\n\n(To be written by hand from the numbers above.)")
     return report
 
@@ -397,6 +490,8 @@ def plot(analysis: Mapping[str, Any], full: Optional[int]) -> Any:
     paired differences (cooperative's Teammates' mean minus each method; 8-exit: mlcsd minus byot)."""
     plt = harness.pyplot()
     sections = [s for s in (MAIN, EXIT8) if s in analysis]
+    if not sections:
+        return None
     fig, axes = plt.subplots(len(sections), 2, figsize=(13, 4.6 * len(sections)), squeeze=False)
     titles = {MAIN: "all methods", EXIT8: "8-exit ResNet-18 layout"}
     names = sorted({n for s in sections for n in analysis[s]["summary"]} - {COOP_DEPLOYED, COOP_OTHER, COOP_MEAN})
@@ -456,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit8-clip-grad", type=float, default=1.0,
                    help="gradient-norm clipping of both methods in the 8-exit section (0: none; without it "
                         "mlcsd diverged there in the first epoch at lr 0.05)")
+    p.add_argument("--no-main", action="store_true", help="skip the main study (e.g. to run only --heads)")
+    p.add_argument("--heads", nargs="+", default=None, metavar="KIND",
+                   help="compare exit-head kinds (model_kwargs head=KIND; 'auto': each family's default); the first "
+                        "is the reference")
+    p.add_argument("--heads-models", nargs="+", default=["test_resnet", "test_efficientnet"])
+    p.add_argument("--heads-methods", nargs="+", default=[REFERENCE, "multi_exit"])
     p.add_argument("--jobs", type=int, default=2, help="training runs at once, each in a subprocess with 1 torch thread")
     p.add_argument("--resume", action="store_true", help="keep finished runs in --runs-dir, train the missing ones")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the table, plot and JSON")
@@ -488,9 +589,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = harness.train_settings(args)
     common = {**{k: v for k, v in settings.items() if k not in ("model", "img_size", "epochs")},
               "limit_train": args.limit_train, "limit_eval": args.limit_eval, "progress": False, "profile_repeats": 1}
-    sections: Dict[str, Dict[str, Any]] = {
+    sections: Dict[str, Dict[str, Any]] = {} if args.no_main else {
         MAIN: {"methods": methods, "sizes": resolve_sizes(args.sizes, full), "full_size": full,
                "config": {**common, "model": args.model, "img_size": args.img_size, "epochs": args.epochs}}}
+    heads: Optional[Dict[str, Any]] = None
+    if args.heads:
+        heads = {"kinds": list(args.heads), "models": list(args.heads_models), "img_size": args.img_size,
+                 "methods": harness.recipe_methods(args.heads_methods), "epochs": args.epochs,
+                 "resolved": {m: {k: resolved_head(m, k) for k in args.heads} for m in args.heads_models}}
+        for model in heads["models"]:
+            for kind in heads["kinds"]:
+                sections[heads_section(model, kind)] = {
+                    "methods": heads["methods"], "sizes": resolve_sizes(args.sizes, full), "full_size": full,
+                    "config": {**common, "model": model, "model_kwargs": {"head": kind}, "img_size": args.img_size,
+                               "epochs": args.epochs}}
     exit8: Dict[str, Any] = {"model": args.exit8_model, "model_kwargs": {"exit_points": "blocks"},
                              "img_size": args.exit8_img_size, "epochs": args.exit8_epochs or args.epochs,
                              "clip_grad": args.exit8_clip_grad or None}
@@ -517,9 +629,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     exit8_acc = next((r["accuracy"] for r in records if r["section"] == EXIT8), None)
     if exit8_acc is not None:
         exit8["num_depths"] = len(exit8_acc)
-    analysis = analyse(records)
+    analysis = analyse([r for r in records if not r["section"].startswith(HEADS)])
     meta = {**run.meta(), "invocations": history, "full_size": full, "settings": {**vars(args), "methods": methods},
-            "exit8": exit8, "exit8_note": exit8_note}
+            "exit8": exit8, "exit8_note": exit8_note, "heads": heads,
+            "heads_analysis": analyse_heads(records, heads["models"], heads["kinds"], heads["methods"]) if heads else None}
     report = report_of(analysis, meta, out / f"{NAME}.md")
     paths = report.write(out, data={**meta, "runs": records, "analysis": analysis},
                          figure=plot(analysis, full) if analysis else None, dpi=110)

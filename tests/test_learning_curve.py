@@ -111,3 +111,28 @@ def test_study_end_to_end(tmp_path, keep_threads):
     assert (out / "learning_curve.md").read_text().endswith(lc.HANDWRITTEN + "\n\nhand-written.\n")
     with pytest.raises(SystemExit, match="--resume"):  # finished runs are not overwritten silently
         lc.main(argv)
+
+
+def test_exit_heads_section(tmp_path, keep_threads):
+    """``--heads``: every kind trained per backbone with the same seeds, each later kind paired against the first."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = ["--no-main", "--no-exit8", "--heads", "conv", "linear", "--heads-models", "test_resnet",
+            "--heads-methods", "multi_exit", "--sizes", "20", "--seeds", "0", "1", "--epochs", "1", "--img-size", "8",
+            "--limit-train", "60", "--limit-eval", "32", "--jobs", "1", "--out", str(out), "--runs-dir", str(runs)]
+    assert lc.main(argv) == 0
+    data = json.loads((out / "learning_curve.json").read_text())
+    # cooperative is always run (the reference); every run is in a head section, with its head kind
+    assert {(r["section"], r["method"]) for r in data["runs"]} == {
+        (f"heads-test_resnet-{k}", m) for k in ("conv", "linear") for m in ("cooperative", "multi_exit")}
+    assert all(r["config"]["model_kwargs"] == {"head": r["section"].rsplit("-", 1)[1]} for r in data["runs"])
+    res = data["heads_analysis"]["test_resnet"]["multi_exit"]
+    assert set(res["summary"]) == {"conv", "linear"}
+    diff = res["minus_first"]["linear"]["20"]
+    assert diff["mean"]["seeds"] == [0, 1] and len(diff["per_depth"]) == 4
+    runs_by = {(r["section"], r["seed"]): r["accuracy"] for r in data["runs"] if r["method"] == "multi_exit"}
+    expected = sum(runs_by[("heads-test_resnet-linear", s)][0] - runs_by[("heads-test_resnet-conv", s)][0]
+                   for s in (0, 1)) / 2
+    assert diff["per_depth"][0]["mean"] == pytest.approx(expected)
+    assert data["analysis"] == {}  # no main study
+    md = (out / "learning_curve.md").read_text()
+    assert "## Exit heads" in md and "`linear` minus `conv`" in md and "`conv` = conv" in md
