@@ -2258,6 +2258,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--server-timeout-s", type=float, default=300.0, help="longest wait for coopnets serve's /healthz")
     p.add_argument("--no-depth-check", action="store_true",
                    help="go on when the checkpoint's depths do not differ enough (tests with untrained models)")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="keep every coopnets serve log here (default: a temporary folder, removed at the end)")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     from coopnets.cli.errors import bad_value
@@ -2335,8 +2337,10 @@ def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> Dict[str, 
                   + f"; {args.repeats} repeat(s); expect about "
                   f"{estimate_s(args, [ck.plans for ck in checkpoints]) / 60:.0f} min")
         for ck in checkpoints:
+            log_dir = args.log_dir or work
+            log_dir.mkdir(parents=True, exist_ok=True)
             results[ck.tag] = run_checkpoint(ck, policy_names(args.policies, ck.num_depths, family=ck.family is not None),
-                                             args, work, bar)
+                                             args, log_dir, bar)
             bar.write(f"{ck.tag}: done")
     report.finish()
     build_report(report, args, results, checkpoints)
