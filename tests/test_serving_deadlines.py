@@ -161,6 +161,22 @@ def test_admission_sheds_what_even_the_shallowest_depth_cannot_reach():
     assert ctl.ran == [[2.0]] and batcher.stats()["shed"] == 1
 
 
+def test_an_idle_batcher_admits_what_a_stale_latency_model_would_shed():
+    """After a stall the latency model may predict that even the shallowest depth misses every deadline; an idle
+    batcher still admits a request with the SLO ahead of it, so a batch runs and corrects the model. With a batch
+    running, or for a client's impossible deadline, the prediction still sheds."""
+    ctl = StubController(slo_ms=1000.0, shallowest_ms=5000.0, predicted_ms=5000.0)
+    with DynamicBatcher(ctl, max_batch_size=4, shed=True) as batcher:
+        assert batcher.submit(image(1)).result(30).depth == 1  # idle: admitted although predicted to miss
+        with pytest.raises(Overloaded):
+            batcher.submit(image(2), deadline=batcher.clock() + 0.05)  # a client's deadline no depth can make
+    with held_batch(ctl, max_batch_size=4, shed=True) as batcher:  # busy: the prediction decides
+        with pytest.raises(Overloaded, match="past the deadline"):
+            batcher.submit(image(3))
+        ctl.hold.set()
+    assert [r[0] for r in ctl.ran] == [1.0, 0.0]
+
+
 def test_admission_waits_for_the_running_batchs_predicted_end():
     ctl = StubController(slo_ms=1000.0, shallowest_ms=1.0, predicted_ms=500.0)
     with held_batch(ctl, max_batch_size=4, shed=True) as batcher:  # a batch predicted to take 500 ms runs

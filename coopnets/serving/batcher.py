@@ -52,6 +52,10 @@ from torch import Tensor
 from .controller import Decision, DepthController
 
 
+#: an idle batcher admits a request with at least this share of the SLO left, whatever the latency model predicts
+PROBE_SLO_SHARE = 0.5
+
+
 class Overloaded(RuntimeError):
     """Refused at admission: the queue is full, or even the shallowest option cannot meet the deadline.
 
@@ -234,11 +238,19 @@ class DynamicBatcher:
 
         The request waits for the batch running now (the end its decision predicts), then for
         the full batches ahead of it, then runs in a batch with the rest of the queue ahead;
-        each batch at the shallowest option's predicted time. Requests arriving later may join
+        each batch at the shallowest option's predicted time. An idle batcher (nothing queued or
+        running) admits a request that still has :data:`PROBE_SLO_SHARE` of the SLO whatever the
+        prediction says: it starts at once, and its batch's measured time corrects a latency
+        model still inflated by an earlier stall (otherwise every request would be shed and no
+        batch would ever run to correct it). Requests arriving later may join
         its batch; the controller then answers with a shallower option, and what still misses
         expires in the queue (504) instead of delaying the others.
         """
         ahead = len(self._queue)
+        if not ahead and not self._busy_until and deadline - now >= PROBE_SLO_SHARE * self.controller.slo_ms / 1e3:
+            # idle: the request would start now. Shedding it on a prediction alone could last for ever: after a
+            # stall the latency model predicts a slowdown that only a batch run since can take back
+            return
         full = self.max_batch_size
         shallowest = self.controller.shallowest_ms
         start = max(now, self._busy_until) + (ahead // full) * shallowest(full) / 1e3
