@@ -11,6 +11,7 @@ from torch import nn
 import coopnets
 from coopnets.inference.early_exit import confidence_score
 from coopnets.inference.profiler import record_calls
+from coopnets.models.exit_head import head_kind_for
 from coopnets.models.plans import structure_keys
 from coopnets.train.build import model_factory
 from coopnets.train.recipe import create_recipe
@@ -51,7 +52,7 @@ def test_resnet18_gets_an_exit_head_after_every_block(model):
     assert model.depth_plan.exit_modules() == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0",
                                                "layer3.1", "layer4.0"]
     assert model.model_args() == {"num_classes": NUM_CLASSES, "plan": "exits", "exit_indices": list(range(7)),
-                                  "head": "conv", "exit_points": "blocks"}
+                                  "head": head_kind_for("ResNet"), "exit_points": "blocks"}
     assert "block ends" in model.depth_plan.describe(model.model_args())
     assert "exit_points" in structure_keys()
 
@@ -153,7 +154,7 @@ def test_reset_classifier_reaches_every_exit(images):
     m = _blocks_resnet18().eval()
     m.reset_classifier(0)
     with torch.no_grad():
-        assert [z.shape[1] for z in m.forward_exits(images)] == [512] * 8
+        assert [z.shape[1] for z in m.forward_exits(images)] == [h.num_features for h in m.exits] + [512]
 
 
 def test_backbone_without_layout_is_a_clear_error():

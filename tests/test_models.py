@@ -9,6 +9,7 @@ from torch import nn
 
 import coopnets
 from coopnets.models.depth_adaptive import DepthAdaptiveModel
+from coopnets.models.exit_head import head_kind_for
 from coopnets.models.plans.blocks import default_block_depths
 from coopnets.inference.profiler import record_calls
 
@@ -137,7 +138,7 @@ def test_zoo_entries_build_with_stage_exits(name):
     model = coopnets.create_model(name, num_classes=3)
     assert isinstance(model, DepthAdaptiveModel)
     assert model.num_depths == 4 and len(model.exits) == 3
-    assert model.depth_plan.config.head == ("linear" if ("vit" in name or "swin" in name) else "conv")
+    assert model.depth_plan.config.head == head_kind_for(model.backbone)  # per family: tests/test_exit_heads.py
     assert model.pretrained_cfg["architecture"] == name
 
 
@@ -229,7 +230,7 @@ def test_blocks_plan_on_family_without_layout_is_clear():
     "kwargs, match",
     [
         ({"plan": "layers"}, "valid plans: exits, blocks"),
-        ({"head": "mlp"}, "valid kinds: auto, linear, conv"),
+        ({"head": "round"}, "valid kinds: auto, linear, conv"),
         ({"exit_indices": [2, 1]}, "increasing feature_info indices"),
         ({"exit_indices": [1, 4]}, "final head"),
         ({"plan": "blocks", "block_depths": [[1, 1, 1, 1]]}, "last entry must be the full backbone"),

@@ -17,6 +17,7 @@ from huggingface_hub import HfApi, ModelCard, constants
 import coopnets
 from coopnets.cli import main as cli_main
 from coopnets.hub import manifest
+from coopnets.models.exit_head import head_kind_for
 from coopnets.hub import CheckpointError, checkpoint_config, push_to_hub, save_pretrained
 
 from hub_server import hub, hub_server  # noqa: F401  (pytest fixtures)
@@ -58,7 +59,8 @@ def test_checkpoint_folder_holds_timm_config_coop_section_and_card(tmp_path):
     assert "hf_hub_id" not in config["pretrained_cfg"] and config["pretrained_cfg"]["num_classes"] == 10
     coop = config["coopnets"]
     args = config["model_args"]
-    assert (args["plan"], coop["num_depths"], args["exit_indices"], args["head"]) == ("exits", 4, [1, 2, 3], "conv")
+    assert (args["plan"], coop["num_depths"], args["exit_indices"]) == ("exits", 4, [1, 2, 3])
+    assert args["head"] == head_kind_for("resnet18")  # the resolved kind, never "auto"
     assert coop["format_version"] == 3 and coop["backbone"] == "resnet18"
     assert "num_classes" not in args  # at the root only: timm and transformers pass it from there
     assert not {"plan", "exit_indices", "head", "block_depths", "backbone_kwargs"} & set(coop)  # structure recorded once

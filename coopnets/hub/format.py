@@ -176,7 +176,7 @@ def structure_args(model: DepthAdaptiveModel) -> Dict[str, Any]:
     Example:
         >>> import coopnets
         >>> structure_args(coopnets.wrap("resnet18", num_classes=10))
-        {'plan': 'exits', 'exit_indices': [1, 2, 3], 'head': 'conv'}
+        {'plan': 'exits', 'exit_indices': [1, 2, 3], 'head': 'mlp'}
     """
     return {k: v for k, v in model.model_args().items() if k != "num_classes"}
 

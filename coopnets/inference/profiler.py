@@ -1,9 +1,12 @@
-"""Per-depth cost of a depth-adaptive model: parameters used, FLOPs, measured latency.
+"""Per-depth cost of a depth-adaptive model: parameters used, FLOPs, measured latency, and its head's share.
 
 Parameters are counted from the modules a forward pass at that depth actually calls
 (forward hooks), so unused stages and exit heads are not counted and the exit head in
 use is. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``. Latency is the
-median of ``repeats`` timed passes after ``warmup`` untimed ones, in inference mode.
+median of ``repeats`` timed passes after ``warmup`` untimed ones, in inference mode; the
+depth's head (its exit head, or the backbone's own head at full depth) is timed the same
+way alone on the map it reads, and ``head_share`` is its latency over the depth's (the
+design rule of ``benchmarks/exit_heads.py``: at most 10 %).
 
 Example:
     >>> import coopnets
@@ -13,13 +16,15 @@ Example:
     [1, 2, 3, 4]
     >>> rows[0]["flops"] < rows[-1]["flops"]
     True
+    >>> all(r["head_share"] == r["head_ms"] / r["latency_ms"] > 0 for r in rows)  # each depth's head, timed alone
+    True
 """
 from __future__ import annotations
 
 import statistics
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -106,6 +111,31 @@ def measure_latency(fn, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def head_call(model: DepthAdaptiveModel, x: torch.Tensor, depth: int) -> Callable[[], torch.Tensor]:
+    """Depth ``depth``'s head alone on the map it reads, as a call without arguments (the map is computed
+    now): exit head ``depth`` on the map of its exit point, or, at a depth without an exit head (full
+    depth; every depth of the ``blocks`` plan), the model's ``forward_head`` on that depth's
+    ``forward_features``.
+
+    Example:
+        >>> import torch, coopnets
+        >>> m = coopnets.create_model("coop_resnet18", num_classes=10).eval()
+        >>> [head_call(m, torch.randn(1, 3, 64, 64), d)().shape for d in (1, 4)]
+        [torch.Size([1, 10]), torch.Size([1, 10])]
+    """
+    if depth <= len(model.exits):
+        head, fmap = model.exits[depth - 1], model.depth_plan.runner.map_at(x, depth - 1)
+        return lambda: head(fmap)
+    with model.at_depth(depth):
+        feats = model.forward_features(x)
+
+    def run() -> torch.Tensor:
+        with model.at_depth(depth):
+            return model.forward_head(feats)
+
+    return run
+
+
 def profile(
     model: DepthAdaptiveModel,
     input_size: Optional[Sequence[int]] = None,
@@ -117,8 +147,9 @@ def profile(
 ) -> List[Dict[str, Any]]:
     """Measure every depth of ``model``: params used, FLOPs and median latency.
 
-    Returns one dict per depth (``depth, params, flops, latency_ms, flops_ratio,
-    latency_ratio``); ratios are relative to full depth. ``input_size`` (C, H, W) defaults
+    Returns one dict per depth (``depth, params, flops, latency_ms, head_ms, head_share, flops_ratio,
+    latency_ratio``): ``head_ms`` is the depth's head timed alone on the map it reads (:func:`head_call`),
+    ``head_share`` that over ``latency_ms``; ratios are relative to full depth. ``input_size`` (C, H, W) defaults
     to the model's :attr:`~coopnets.DepthAdaptiveModel.default_input_size`. Prints a table
     unless ``print_table=False`` (see :func:`format_table`).
     """
@@ -135,11 +166,14 @@ def profile(
                 with FlopCounterMode(display=False) as counter:
                     model(x)
                 latency = measure_latency(lambda: model(x), repeats=repeats, warmup=warmup)
+            head_ms = measure_latency(head_call(model, x, depth), repeats=repeats, warmup=warmup)
             rows.append({
                 "depth": depth,
                 "params": used_parameters(model, set(calls)),
                 "flops": int(counter.get_total_flops()),
                 "latency_ms": latency,
+                "head_ms": head_ms,
+                "head_share": head_ms / latency,
             })
     full = rows[-1]
     for r in rows:
@@ -153,8 +187,19 @@ def profile(
 
 
 def format_table(rows: Sequence[Dict[str, Any]], extra: Tuple[str, ...] = ()) -> str:
-    """A Markdown table of :func:`profile` rows (plus ``extra`` columns such as ``accuracy``)."""
-    cols = ["depth", *extra, "params (M)", "GFLOPs", "latency (ms)", "FLOPs ratio", "latency ratio"]
+    """A Markdown table of :func:`profile` rows (plus ``extra`` columns such as ``accuracy``); the head's
+    latency and share close it when the rows have them (rows of older checkpoints have none).
+
+    Example:
+        >>> print(format_table([{"depth": 1, "params": 2e6, "flops": 3e9, "latency_ms": 4.0, "flops_ratio": 0.5,
+        ...                      "latency_ratio": 0.4, "head_ms": 0.2, "head_share": 0.05}]))
+        | depth | params (M) | GFLOPs | latency (ms) | FLOPs ratio | latency ratio | head (ms) | head share |
+        |---|---|---|---|---|---|---|---|
+        | 1 | 2.000 | 3.0000 | 4.00 | 0.500 | 0.400 | 0.20 | 5.0 % |
+    """
+    heads = all("head_ms" in r for r in rows)
+    cols = ["depth", *extra, "params (M)", "GFLOPs", "latency (ms)", "FLOPs ratio", "latency ratio",
+            *(("head (ms)", "head share") if heads else ())]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         vals = [str(r["depth"])]
@@ -168,5 +213,7 @@ def format_table(rows: Sequence[Dict[str, Any]], extra: Tuple[str, ...] = ()) ->
             f"{r['flops_ratio']:.3f}",
             f"{r['latency_ratio']:.3f}",
         ]
+        if heads:
+            vals += [f"{r['head_ms']:.2f}", f"{100 * r['head_share']:.1f} %"]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines)

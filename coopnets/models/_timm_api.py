@@ -103,7 +103,7 @@ class TimmModelApi(nn.Module):
             >>> m = coopnets.wrap("resnet18").eval()
             >>> m.reset_classifier(0, "")
             >>> [m.forward_depth(torch.randn(1, 3, 64, 64), d).shape[1:] for d in (1, 4)]
-            [torch.Size([512, 2, 2]), torch.Size([512, 2, 2])]
+            [torch.Size([64, 16, 16]), torch.Size([512, 2, 2])]
         """
         if global_pool is None:
             self.backbone.reset_classifier(num_classes)

@@ -1,4 +1,5 @@
-"""ResNet zoo entries: an exit after each of the four stages (``conv`` exit heads).
+"""ResNet zoo entries: an exit after each of the four stages;
+exit heads of the family's measured kind (:func:`~coopnets.models.exit_head.head_kind_for`).
 
 Depth k runs the stem, the first k stages and exit k; the deepest depth is the plain timm
 model with its own head. Pass ``plan="blocks"`` for EKD-style block skipping instead.

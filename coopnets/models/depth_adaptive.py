@@ -268,7 +268,7 @@ class DepthAdaptiveModel(TimmModelApi):
         Example:
             >>> import coopnets
             >>> coopnets.wrap("resnet18", num_classes=10).model_args()
-            {'num_classes': 10, 'plan': 'exits', 'exit_indices': [1, 2, 3], 'head': 'conv'}
+            {'num_classes': 10, 'plan': 'exits', 'exit_indices': [1, 2, 3], 'head': 'mlp'}
         """
         return {"num_classes": self.num_classes, "plan": self.plan, **self.depth_plan.config.model_args(),
                 **self.backbone_kwargs}

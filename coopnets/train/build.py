@@ -139,7 +139,7 @@ def model_problems(name: str, plan: str = "exits", model_kwargs: Optional[Mappin
         >>> model_problems("test_resnet", model_kwargs={"drop_path_rate": "lots", "head": "linear"})
         ["--model-kwargs drop_path_rate must be a number (got 'lots')"]
         >>> model_problems("test_resnet", model_kwargs={"head": "round"})
-        ["--model-kwargs: Invalid head='round' for plan='exits': valid kinds: auto, linear, conv."]
+        ["--model-kwargs: Invalid head='round' for plan='exits': valid kinds: auto, linear, conv, reduce, mixpool, mlp."]
     """
     kwargs = dict(model_kwargs or {})
     if not (HubLocation.is_location(name) or is_model(name) or timm.is_model(name)):

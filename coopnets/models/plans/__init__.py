@@ -24,7 +24,7 @@ Example:
     >>> type(m.depth_plan).__name__, m.depth_plan.config.model_args()
     ('BlocksPlan', {'block_depths': [[1, 1, 1, 1], [2, 2, 2, 2]]})
     >>> coopnets.wrap("resnet18", num_classes=10, exit_points="blocks").depth_plan.config.model_args()
-    {'exit_indices': [0, 1, 2, 3, 4, 5, 6], 'head': 'conv', 'exit_points': 'blocks'}
+    {'exit_indices': [0, 1, 2, 3, 4, 5, 6], 'head': 'mlp', 'exit_points': 'blocks'}
 """
 from __future__ import annotations
 

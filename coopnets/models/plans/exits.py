@@ -10,9 +10,9 @@ Example:
     >>> import coopnets
     >>> plan = coopnets.wrap("resnet18", num_classes=10).depth_plan
     >>> plan.config
-    ExitsConfig(exit_indices=[1, 2, 3], num_exits=None, head='conv', head_width=None, exit_points='stages')
+    ExitsConfig(exit_indices=[1, 2, 3], num_exits=None, head='mlp', head_width=None, exit_points='stages')
     >>> plan.config.model_args(), plan.num_depths, plan.runner.kind
-    ({'exit_indices': [1, 2, 3], 'head': 'conv'}, 4, 'layout')
+    ({'exit_indices': [1, 2, 3], 'head': 'mlp'}, 4, 'layout')
 """
 from __future__ import annotations
 
@@ -41,8 +41,12 @@ class ExitsConfig(PlanConfig):
             Default: every point past the stem (reduction >= 4), or ``num_exits`` evenly
             spaced points for ViT-like backbones (all points of one reduction).
         num_exits: number of evenly spaced exit heads (default 4 for ViT-like backbones).
-        head: exit head kind: ``linear``, ``conv`` or ``auto`` (conv for CNNs, linear for transformers).
-        head_width: embedding width of ``conv`` heads (default: the backbone's final width).
+        head: exit head kind (:data:`~coopnets.models.exit_head.EXIT_HEAD_KINDS`: ``linear``, ``conv``,
+            ``reduce``, ``mixpool``, ``mlp``) or ``auto``: the family's measured default
+            (:func:`~coopnets.models.exit_head.head_kind_for`; ``linear`` for transformers).
+        head_width: the heads' own width (:class:`~coopnets.models.exit_head.ExitHead`'s ``width``: a ``conv``
+            head's output, default the backbone's final width; a ``reduce`` head's 1x1 convolution; an ``mlp``
+            head's hidden layer).
         exit_points: ``stages`` or ``blocks`` (see :mod:`coopnets.models.plans.exit_points`).
     """
 
@@ -123,7 +127,7 @@ class ExitsPlan(DepthPlan):
         info, final_red = self.points.info, self.points.info[-1]["reduction"]
         self.exits = nn.ModuleList(
             ExitHead(info[i]["num_chs"], backbone.num_classes, kind=kind, reduction=info[i]["reduction"],
-                     final_reduction=final_red, width=config.head_width or backbone.num_features)
+                     final_reduction=final_red, width=config.head_width, final_width=backbone.num_features)
             for i in indices
         )
         self._runner = self.points.runner(indices)
