@@ -30,7 +30,11 @@ only what each sample needs.
 FLOPs are accounted per sample: a sample leaving at depth ``d`` costs the stem, the
 stage segments up to ``d`` and every exit head it was evaluated at (``1..d``). The cost
 of each segment and head is measured once per input size with
-``torch.utils.flop_counter`` on one sample and cached.
+``torch.utils.flop_counter`` on one sample and cached. :meth:`EarlyExit.depth_latency` is
+the same account in milliseconds measured on this machine for a batch size
+(:meth:`EarlyExit.leave_at`: a batch whose samples all leave at one depth), which is what
+latency budgets fit on: on a CPU the shallow depths and the exit heads cost a larger
+share of the time than of the FLOPs.
 
 Example:
     >>> import torch, coopnets
@@ -48,6 +52,7 @@ Example:
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -103,6 +108,21 @@ def check_thresholds(criterion: str, threshold: Threshold, num_exits: int) -> Li
         if not ok:
             raise ValueError(f"Invalid {criterion} threshold {v!r}: each must be {rule}.")
     return values
+
+
+def check_measurement(batch_size: int, repeats: int, warmup: int = 0) -> None:
+    """Refuse a latency measurement that cannot run: ``batch_size`` and ``repeats`` must be ints >= 1,
+    ``warmup`` an int >= 0 (one-line ``ValueError``).
+
+    Example:
+        >>> check_measurement(8, repeats=0)
+        Traceback (most recent call last):
+            ...
+        ValueError: repeats must be an int >= 1, got 0.
+    """
+    for name, value, least in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if not isinstance(value, Integral) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}.")
 
 
 def _example(criterion: str) -> str:
@@ -232,15 +252,21 @@ def _data_cfg(model: "DepthAdaptiveModel", key: str) -> str:
 
 
 class _PhaseClock:
-    """Seconds per phase of an early-exit pass, added to ``timings`` (nothing is timed without it)."""
+    """Seconds per phase of an early-exit pass, added to ``timings`` (nothing is timed without it).
 
-    def __init__(self, timings: Optional[Dict[str, float]]) -> None:
+    On a GPU each lap waits for the device first, so a phase is charged its kernels, not their launch.
+    """
+
+    def __init__(self, timings: Optional[Dict[str, float]], device: torch.device) -> None:
         self.timings = timings
+        self.sync = torch.cuda.synchronize if timings is not None and device.type == "cuda" else None
         self.last = time.perf_counter() if timings is not None else 0.0
 
     def lap(self, phase: str) -> None:
         """Charge the time since the previous lap to ``phase``."""
         if self.timings is not None:
+            if self.sync is not None:
+                self.sync()
             now = time.perf_counter()
             self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
             self.last = now
@@ -320,6 +346,78 @@ class EarlyExit:
         """FLOPs of one sample that leaves at depth ``1..num_depths`` (heads evaluated on the way included)."""
         return self.runner(image_size).depth_flops(image_size, self.model.exits)
 
+    def step_latency(self, image_size: Sequence[int], batch_size: int = 1, repeats: int = 10,
+                     warmup: int = 2) -> List[float]:
+        """Measured milliseconds per step for a batch of ``batch_size`` random images of ``image_size``
+        (C, H, W) on the model's device: ``[start, advance 0, head 0, ..., advance K-1, head K-1, finish]``
+        like :meth:`step_flops`. Each step's median over ``repeats`` full passes of :meth:`leave_at`
+        (after ``warmup`` untimed ones), every step timed inside the same pass.
+
+        Raises:
+            ValueError: ``batch_size`` or ``repeats`` below 1, or ``warmup`` below 0.
+        """
+        check_measurement(batch_size, repeats, warmup)
+        x = torch.randn(batch_size, *image_size, device=next(self.model.parameters()).device)
+        full = self.model.num_depths
+        for _ in range(warmup):
+            self.leave_at(x, full)
+        passes: List[Dict[str, float]] = []
+        for _ in range(repeats):
+            passes.append({})
+            self.leave_at(x, full, timings=passes[-1])
+        return [1e3 * statistics.median(p[step] for p in passes) for step in passes[0]]
+
+    def depth_latency(self, image_size: Sequence[int], batch_size: int = 1, repeats: int = 10,
+                      warmup: int = 2) -> List[float]:
+        """Measured milliseconds of a batch of ``batch_size`` whose samples all leave at depth
+        ``1..num_depths``: the backbone to that exit and every exit head on the way, on this machine
+        (:meth:`step_latency` summed per depth as :meth:`depth_flops` sums FLOPs; no exit decision or
+        compaction, which a real pass adds).
+
+        Example:
+            >>> import coopnets
+            >>> m = coopnets.wrap("test_resnet", num_classes=3).eval()
+            >>> ms = coopnets.EarlyExit(m).depth_latency((3, 32, 32), batch_size=4, repeats=3)
+            >>> len(ms) == m.num_depths and ms == sorted(ms)
+            True
+        """
+        return Runner.depth_totals(self.step_latency(image_size, batch_size, repeats, warmup))
+
+    @torch.inference_mode()
+    def leave_at(self, x: torch.Tensor, depth: int, timings: Optional[Dict[str, float]] = None) -> torch.Tensor:
+        """Every sample of ``x`` leaves at ``depth``: its logits there, at the cost a sample leaving there
+        pays under early exit (the runner to that exit and every exit head on the way, or the whole backbone
+        after every exit head at full depth), without exit decisions or compaction. The same as a call with
+        thresholds that make every sample leave at ``depth``, less the decisions.
+
+        ``timings``, when given, is filled with the seconds of each step (``start``, ``advance k``,
+        ``head k``, ``finish``), in the order they ran.
+
+        Example:
+            >>> import torch, coopnets
+            >>> m = coopnets.wrap("test_resnet", num_classes=3).eval()
+            >>> x = torch.randn(2, 3, 32, 32)
+            >>> torch.allclose(coopnets.EarlyExit(m).leave_at(x, 2), m.forward_depth(x, 2), atol=1e-5)
+            True
+        """
+        model = self.model
+        if not isinstance(depth, Integral) or isinstance(depth, bool) or not 1 <= depth <= model.num_depths:
+            raise ValueError(f"depth must be an int in [1, {model.num_depths}], got {depth!r}.")
+        self.check_call(x)
+        runner = self.runner(x.shape[1:])
+        clock = _PhaseClock(timings, x.device)
+        env = runner.start(x)
+        clock.lap("start")
+        for k in range(min(depth, model.num_depths - 1)):
+            env, feature = runner.advance(env, k)
+            clock.lap(f"advance {k}")
+            logits = model.exits[k](feature)
+            clock.lap(f"head {k}")
+        if depth == model.num_depths:
+            logits = runner.finish(env)
+            clock.lap("finish")
+        return logits
+
     # --- the real pass ------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, timings: Optional[Dict[str, float]] = None) -> EarlyExitResult:
@@ -338,7 +436,7 @@ class EarlyExit:
             none = torch.zeros(0, dtype=torch.long, device=x.device)
             return EarlyExitResult(logits=x.new_empty(0, model.num_classes), exit_depths=none, flops=none.clone(),
                                    depth_flops=costs)
-        clock = _PhaseClock(timings)
+        clock = _PhaseClock(timings, x.device)
         out: Optional[torch.Tensor] = None
         depths = torch.full((n,), model.num_depths, dtype=torch.long, device=x.device)
         alive = torch.arange(n, device=x.device)  # original index of every row still running

@@ -22,13 +22,30 @@ plan's exit heads, not the backbone's feature points.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Dict, List, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Hashable, List, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 State = Any
+#: a cost: FLOPs (int) or milliseconds (float)
+Number = TypeVar("Number", int, float)
+
+
+def structure(modules: Sequence[nn.Module]) -> Hashable:
+    """What the FLOPs of ``modules`` depend on besides the input: every submodule's type and its own
+    parameters' shapes, in order.
+
+    Example:
+        >>> head = nn.Sequential(nn.Flatten(), nn.Linear(8, 3))
+        >>> structure([head]) == structure([nn.Sequential(nn.Flatten(), nn.Linear(8, 3))])
+        True
+        >>> structure([head]) == structure([nn.Sequential(nn.Flatten(), nn.Linear(8, 10))])
+        False
+    """
+    return tuple((type(m), tuple(tuple(p.shape) for p in m.parameters(recurse=False)))
+                 for module in modules for m in module.modules())
 
 
 class Runner(ABC):
@@ -49,7 +66,7 @@ class Runner(ABC):
     def __init__(self, backbone: nn.Module, num_exits: int) -> None:
         self.backbone = backbone
         self.num_exits = num_exits
-        self._step_flops: Dict[Tuple[int, ...], List[int]] = {}
+        self._step_flops: Dict[Tuple[Tuple[int, ...], Hashable], List[int]] = {}
 
     # --- the protocol -----------------------------------------------------------------
     @abstractmethod
@@ -92,10 +109,15 @@ class Runner(ABC):
         """FLOPs of one sample per step: ``[start, advance 0, head 0, ..., advance K-1, head K-1, finish]``.
 
         ``heads`` are the exit heads (one per exit point); the last step includes the
-        backbone's own ``forward_head``. Measured once per ``(C, H, W)`` with
-        ``torch.utils.flop_counter`` on one sample and cached on the runner.
+        backbone's own ``forward_head``. Measured once per ``(C, H, W)`` and structure of the
+        heads and the backbone's classifier (:func:`structure`: a head swapped for another kind or
+        a ``reset_classifier`` counts again) with ``torch.utils.flop_counter`` on one sample and
+        cached on the runner.
         """
-        key = tuple(int(s) for s in image_size)
+        size = tuple(int(s) for s in image_size)
+        classifier = self.backbone.get_classifier() if hasattr(self.backbone, "get_classifier") else ()
+        classifiers = list(classifier) if isinstance(classifier, (tuple, list)) else [classifier]
+        key = (size, structure([*heads, *classifiers]))
         if key not in self._step_flops:
             steps: List[int] = []
 
@@ -107,7 +129,7 @@ class Runner(ABC):
 
             device = next(self.backbone.parameters()).device
             with torch.inference_mode():
-                state = count(self.start, torch.zeros(1, *key, device=device))
+                state = count(self.start, torch.zeros(1, *size, device=device))
                 for k in range(self.num_exits):
                     state, fmap = count(self.advance, state, k)
                     count(heads[k], fmap)
@@ -118,5 +140,18 @@ class Runner(ABC):
     def depth_flops(self, image_size: Sequence[int], heads: Sequence[nn.Module]) -> List[int]:
         """FLOPs of one sample that leaves at depth ``1..num_exits + 1`` under early exit (the exit heads
         evaluated on the way included), from :meth:`step_flops`."""
-        steps = self.step_flops(image_size, heads)
-        return [sum(steps[: 1 + 2 * d]) for d in range(1, self.num_exits + 1)] + [sum(steps)]
+        return self.depth_totals(self.step_flops(image_size, heads))
+
+    @staticmethod
+    def depth_totals(steps: Sequence[Number]) -> List[Number]:
+        """Per-step costs ``[start, advance 0, head 0, ..., advance K-1, head K-1, finish]`` (FLOPs, or
+        measured milliseconds) summed into the cost of leaving at each depth ``1..K + 1``: leaving at depth
+        ``d <= K`` pays the start, the first ``d`` advances and exit heads ``1..d`` (every head the sample
+        was evaluated at, not only its own); the last depth pays every step.
+
+        Example:
+            >>> Runner.depth_totals([1, 10, 100, 20, 200, 3])  # start, advance 0, head 0, advance 1, head 1, finish
+            [111, 331, 334]
+        """
+        steps = list(steps)
+        return [sum(steps[: 1 + 2 * d]) for d in range(1, (len(steps) - 2) // 2 + 1)] + [sum(steps)]
