@@ -145,10 +145,15 @@ def bench_early_exit(model, x, repeats, warmup) -> dict:
            "early_exit_ms": lambda: ee_ms(x)}
     fns.update({f"leave{d}": (lambda d=d: probe.leave_at(x, d)) for d in range(1, model.num_depths + 1)})
     t = harness.time_interleaved(fns, repeats, warmup)
-    leave = [t.median(f"leave{d}") for d in range(1, model.num_depths + 1)]
 
-    def fair_bound(fractions: Sequence[float]) -> float:
-        return t.median("full") / sum(f * s for f, s in zip(fractions, leave))
+    def fair_bound(fractions: Sequence[float], variant: str) -> Dict[str, float]:
+        """The fair bound of ``fractions`` and ``variant``'s speed-up over it (``vs_bound``), each the median of
+        its per-round values (every round's calls are neighbours in time) with its interval."""
+        expected = [sum(f * t.times[f"leave{d}"][r] for d, f in enumerate(fractions, 1)) for r in range(repeats)]
+        return {**ratio_fields("fair_bound", harness.median_interval(
+                    [full / e for full, e in zip(t.times["full"], expected)])),
+                **ratio_fields("vs_bound", harness.median_interval(
+                    [e / ran for e, ran in zip(expected, t.times[variant])]))}
 
     speedup, speedup_ms = t.ratio("full", "early_exit"), t.ratio("full", "early_exit_ms")
     phases: Dict[str, float] = {}
@@ -157,12 +162,14 @@ def bench_early_exit(model, x, repeats, warmup) -> dict:
     return {"img_size": size[-1], "exit_fractions": result.exit_fractions(), "flops_saving": result.flops_saving,
             "full_ms": 1e3 * t.median("full"), "early_exit_ms": 1e3 * t.median("early_exit"),
             **ratio_fields("speedup", speedup), "speedup_vs_flops": speedup["median"] / result.flops_saving,
-            "fair_bound": fair_bound(result.exit_fractions()), "leave_ms": [1e3 * v for v in leave],
+            **fair_bound(result.exit_fractions(), "early_exit"),
+            "leave_ms": [1e3 * t.median(f"leave{d}") for d in range(1, model.num_depths + 1)],
             "phases_ms": {k: 1e3 * v / repeats for k, v in phases.items()}, "thresholds": cal.thresholds,
             "ms_budget": {"target_ms": cal_ms.target, "expected_ms": cal_ms.expected_cost,
                           "depth_costs_ms": cal_ms.depth_costs, "exit_fractions": result_ms.exit_fractions(),
                           "early_exit_ms": 1e3 * t.median("early_exit_ms"), **ratio_fields("speedup", speedup_ms),
-                          "fair_bound": fair_bound(result_ms.exit_fractions()), "flops_saving": result_ms.flops_saving,
+                          **fair_bound(result_ms.exit_fractions(), "early_exit_ms"),
+                          "flops_saving": result_ms.flops_saving,
                           "thresholds": cal_ms.thresholds}}
 
 
@@ -280,19 +287,21 @@ def ratio_cell(row: Mapping[str, Any], key: str, fmt: str, unit: str = "") -> st
                                    unit=unit)
 
 
-def latency_bound(results: Mapping[str, Any], early_exit: Mapping[str, Any]) -> Tuple[float, bool]:
-    """``(bound, fair)``: the speed-up ``early_exit``'s exit fractions would give with each sample charged what a
-    batch that all leaves at its exit costs (``fair``; runs since issue 27), or, for older results, its exit
-    depth's plain forward latency, the exit heads before it free (timed beside the early-exit pass, else read
-    from the per-depth table)."""
-    if "fair_bound" in early_exit:
-        return early_exit["fair_bound"], True
+def latency_bound(results: Mapping[str, Any], early_exit: Mapping[str, Any]) -> Tuple[str, str, float]:
+    """``(bound cell, speed-up / bound cell, speed-up / bound)`` of an early-exit entry: the fair bound (each sample
+    charged what a batch that all leaves at its exit costs; runs since issue 27: medians of per-round values with
+    their intervals), or, for older results, the speed-up with each sample charged its exit depth's plain forward
+    latency, the exit heads before it free (timed beside the early-exit pass, else read from the per-depth table)."""
+    if "vs_bound" in early_exit:
+        return (ratio_cell(early_exit, "fair_bound", "{:.2f}", "x"), ratio_cell(early_exit, "vs_bound", "{:.2f}"),
+                early_exit["vs_bound"])
     if "latency_bound" in early_exit:
-        return early_exit["latency_bound"], False
-    rows = next(b["rows"] for b in results["depths"]
-                if (b["model"], b["mode"], b["batch"]) == (early_exit["model"], "eager", early_exit["batch"]))
-    expected = sum(f * r["wrapper_ms"] for f, r in zip(early_exit["exit_fractions"], rows))
-    return rows[-1]["wrapper_ms"] / expected, False
+        bound = early_exit["latency_bound"]
+    else:
+        rows = next(b["rows"] for b in results["depths"]
+                    if (b["model"], b["mode"], b["batch"]) == (early_exit["model"], "eager", early_exit["batch"]))
+        bound = rows[-1]["wrapper_ms"] / sum(f * r["wrapper_ms"] for f, r in zip(early_exit["exit_fractions"], rows))
+    return f"{bound:.2f}x (heads free)", f"{early_exit['speedup'] / bound:.2f}", early_exit["speedup"] / bound
 
 
 def fractions_cell(fractions: Sequence[float]) -> str:
@@ -305,29 +314,26 @@ def early_exit_section(rep: harness.Report, results: Mapping[str, Any]) -> List[
     rows, ms_rows, lines = [], [], []
     speed_target, bound_target = TARGETS["early_exit_speedup"], TARGETS["early_exit_vs_bound"]
     for e in results["early_exit"]:
-        bound, fair = latency_bound(results, e)
-        rows.append([e["model"], e["batch"], fractions_cell(e["exit_fractions"]), f"{e['flops_saving']:.2f}x",
-                     f"{bound:.2f}x" + ("" if fair else " (heads free)"), f"{e['full_ms']:.1f}",
-                     f"{e['early_exit_ms']:.1f}", ratio_cell(e, "speedup", "{:.2f}", "x"),
-                     f"{e['speedup_vs_flops']:.2f}", f"{e['speedup'] / bound:.2f}"])
-        lines.append(f"{e['model']} early exit, FLOPs budget (batch {e['batch']}): speed-up {e['speedup']:.2f}x "
+        bound, vs_bound, ratio = latency_bound(results, e)
+        rows.append([e["model"], e["batch"], fractions_cell(e["exit_fractions"]), f"{e['flops_saving']:.2f}x", bound,
+                     f"{e['full_ms']:.1f}", f"{e['early_exit_ms']:.1f}", ratio_cell(e, "speedup", "{:.2f}", "x"),
+                     f"{e['speedup_vs_flops']:.2f}", vs_bound])
+        lines.append(f"{e['model']} early exit, FLOPs budget (batch {e['batch']}): speed-up {e['speedup']:.3f}x "
                      f"({verdict(e['speedup'], speed_target, True)} >= {speed_target}) for a "
                      f"{e['flops_saving']:.2f}x FLOPs saving, ratio {e['speedup_vs_flops']:.2f} "
                      f"({verdict(e['speedup_vs_flops'], TARGETS['early_exit_vs_flops'], True)} >= "
-                     f"{TARGETS['early_exit_vs_flops']}); {e['speedup'] / bound:.2f} of the "
-                     f"{'fair ' if fair else ''}bound {bound:.2f}x "
-                     f"({verdict(e['speedup'] / bound, bound_target, True)} >= {bound_target})")
+                     f"{TARGETS['early_exit_vs_flops']}); {ratio:.3f} of the bound {bound} "
+                     f"({verdict(ratio, bound_target, True)} >= {bound_target})")
         m = e.get("ms_budget")
         if m:
             ms_rows.append([e["model"], e["batch"], f"{m['target_ms']:.1f}", f"{m['expected_ms']:.1f}",
                             f"{m['early_exit_ms']:.1f}", fractions_cell(m["exit_fractions"]),
-                            f"{m['flops_saving']:.2f}x", f"{m['fair_bound']:.2f}x",
-                            ratio_cell(m, "speedup", "{:.2f}", "x"),
-                            f"{m['speedup'] / m['fair_bound']:.2f}"])
+                            f"{m['flops_saving']:.2f}x", ratio_cell(m, "fair_bound", "{:.2f}", "x"),
+                            ratio_cell(m, "speedup", "{:.2f}", "x"), ratio_cell(m, "vs_bound", "{:.2f}")])
             lines.append(f"{e['model']} early exit, ms budget {m['target_ms']:.1f} ms (batch {e['batch']}): speed-up "
-                         f"{m['speedup']:.2f}x ({verdict(m['speedup'], speed_target, True)} >= {speed_target}); "
-                         f"{m['speedup'] / m['fair_bound']:.2f} of the fair bound {m['fair_bound']:.2f}x "
-                         f"({verdict(m['speedup'] / m['fair_bound'], bound_target, True)} >= {bound_target})")
+                         f"{m['speedup']:.3f}x ({verdict(m['speedup'], speed_target, True)} >= {speed_target}); "
+                         f"{m['vs_bound']:.3f} of the fair bound {m['fair_bound']:.2f}x "
+                         f"({verdict(m['vs_bound'], bound_target, True)} >= {bound_target})")
     rep.text("**FLOPs budget.** Thresholds calibrated (MSDNet geometric, what `coopnets.calibrate(target_flops=...)` "
              "does) on the measured batch for a FLOPs budget halfway between depth 1 and full depth (exit heads on the "
              f"way counted). Targets: speed-up over full depth >= {speed_target}x; `speed-up / FLOPs saving` >= "
@@ -336,7 +342,9 @@ def early_exit_section(rep: harness.Report, results: Mapping[str, Any]) -> List[
              "leaves at its exit costs (`EarlyExit.leave_at`: the backbone to the exit and every exit head on the way, "
              "each depth timed interleaved with the early-exit pass on the same batch), with the exit decisions and "
              "the compaction free: what early exit could at best give on this machine with these heads (target: "
-             f"speed-up >= {bound_target} x the bound). Runs before issue 27 recorded a bound that also left the "
+             f"speed-up >= {bound_target} x the bound). The bound and `speed-up / fair bound` are medians of their "
+             "per-round values (a round times every variant once, neighbours in time), with their intervals. Runs "
+             "before issue 27 recorded a bound that also left the "
              "earlier exit heads free, marked `(heads free)`.")
     rep.table(["model", "batch", "exit fractions", "FLOPs saving", "fair bound", "full ms", "early-exit ms",
                "speed-up", "speed-up / FLOPs saving", "speed-up / fair bound"], rows)
@@ -448,13 +456,12 @@ def why_missed(entry: Mapping[str, Any]) -> List[str]:
 def zoo_report_of(results: Mapping[str, Any]) -> harness.Report:
     """The zoo report, from the results (fresh, or a saved ``latency_zoo.json``)."""
     rep = harness.Report.from_meta(ZOO_NAME, ZOO_TITLE, results)
-    zoo = results["zoo"]
+    zoo, ee = results["zoo"], results["early_exit_settings"]
     configs = [config_label(r) for r in zoo["models"][0]["runs"]] if zoo["models"] else []
     rep.text(f"Zoo table: input {zoo['img_size']}x{zoo['img_size']}, batch sizes {zoo['batch_sizes']}, torch threads "
              f"{zoo['threads']}, {zoo['repeats']} interleaved repeats after {zoo['warmup']} warm-up per depth. Early "
-             f"exit: input {results['early_exit_settings']['img_size']}x{results['early_exit_settings']['img_size']}, "
-             f"batch {results['early_exit_settings']['batch']}, {results['early_exit_settings']['threads']} torch "
-             f"thread(s). Random-init weights (latency does not depend on them).")
+             f"exit: input {ee['img_size']}x{ee['img_size']}, batch {ee['batch']}, {ee['threads']} torch thread(s), "
+             f"{ee['repeats']} interleaved repeats. Random-init weights (latency does not depend on them).")
     rep.heading("Latency share vs FLOPs share per depth")
     rep.text("`FLOPs share`: FLOPs of a forward at depth k (the backbone to exit k and exit head k) / full depth's. "
              "`bN tM`: latency share at batch N with M torch threads: median of the per-repeat ratios latency of "
@@ -574,12 +581,12 @@ def run_zoo(args: argparse.Namespace) -> Dict[str, Any]:
     batch_sizes, threads = args.batch_sizes or [1, 8], args.threads or [1, 2]
     repeats, warmup = args.repeats or (3 if quick else 5), args.warmup
     size = (3, args.img_size, args.img_size)
-    ee_threads = args.early_exit_threads
+    ee_threads, ee_repeats = args.early_exit_threads, repeats if quick else args.early_exit_repeats
     results: Dict[str, Any] = {
         "zoo": {"img_size": args.img_size, "batch_sizes": batch_sizes, "threads": threads, "repeats": repeats,
                 "warmup": warmup, "models": []},
         "early_exit_settings": {"img_size": args.early_exit_img_size, "batch": args.early_exit_batch,
-                                "threads": ee_threads, "repeats": repeats, "warmup": warmup},
+                                "threads": ee_threads, "repeats": ee_repeats, "warmup": warmup},
         "early_exit": []}
     bar = harness.progress_bar(total=len(models) + len(ee_models), desc="zoo", unit="model")
     with torch.inference_mode():
@@ -604,7 +611,7 @@ def run_zoo(args: argparse.Namespace) -> Dict[str, Any]:
             for name in ee_models:
                 bar.set_description(f"{name} early exit")
                 x = torch.randn(args.early_exit_batch, *ee_size)
-                e = bench_early_exit(build(name, args.early_exit_img_size), x, repeats, warmup)
+                e = bench_early_exit(build(name, args.early_exit_img_size), x, ee_repeats, warmup)
                 results["early_exit"].append({"model": name, "batch": args.early_exit_batch, **e})
                 bar.write(f"{name} early exit: speed-up {e['speedup']:.2f}x, fair bound {e['fair_bound']:.2f}x, "
                           f"ms budget speed-up {e['ms_budget']['speedup']:.2f}x")
@@ -638,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"--zoo: early-exit models (default {' '.join(EARLY_EXIT_MODELS)})")
     p.add_argument("--early-exit-batch", type=int, default=EARLY_EXIT_BATCH, help="--zoo: early-exit batch size")
     p.add_argument("--early-exit-img-size", type=int, default=EARLY_EXIT_IMG_SIZE, help="--zoo: early-exit input size")
+    p.add_argument("--early-exit-repeats", type=int, default=10,
+                   help="--zoo: interleaved repeats of the early-exit run (default 10; --quick: --repeats)")
     p.add_argument("--early-exit-threads", type=int, default=1,
                    help="--zoo: torch threads for early exit (default 1: a second thread on a shared 2-core machine "
                         "spins against other processes, see the table's t2 columns)")

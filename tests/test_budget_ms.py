@@ -166,7 +166,7 @@ def test_latency_zoo_run_writes_its_tables(tmp_path, monkeypatch, one_torch_thre
     assert all(len(r["share"]) == entry["num_depths"] - 1 and r["missed"] for r in entry["runs"])
     assert len(entry["stages"]["steps"]) == len(entry["stages"]["flops"]) == 2 * entry["num_depths"]
     e = results["early_exit"][0]
-    assert e["fair_bound"] > 0 and len(e["leave_ms"]) == entry["num_depths"]
+    assert e["fair_bound"] > 0 and e["vs_bound"] > 0 and len(e["leave_ms"]) == entry["num_depths"]
     ms = e["ms_budget"]
     assert ms["depth_costs_ms"][0] <= ms["expected_ms"] <= ms["depth_costs_ms"][-1]
     again = tmp_path / "again"

@@ -12,7 +12,7 @@ two units:
 * ``target_flops``: FLOPs per sample (:meth:`EarlyExit.depth_flops`). It does not depend
   on the machine, and on a CPU that is what it misses: the shallow depths take a larger
   share of the latency than of the FLOPs (at batch 8 on one core, depth 1 of ResNet-50,
-  MobileNetV3-L and EfficientNet-B0 takes 0.34-0.52 of the full-depth latency for 0.19-0.20
+  MobileNetV3-L and EfficientNet-B0 takes 0.36-0.59 of the full-depth latency for 0.19-0.20
   of its FLOPs: early stages move large activations for few FLOPs per byte), and the exit
   heads, small kernels on small maps, cost more time than their FLOPs; so a FLOPs budget
   promises a larger saving than the clock shows (``benchmarks/results/latency_zoo.md``).
