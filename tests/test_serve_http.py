@@ -261,10 +261,12 @@ class TestServe:
     def test_stats_and_metrics_aggregate_every_replica(self, server):
         base, engine, replicas = server
         replies, errors = self.answered(base), self.errors.get(base, {})
-        deadline = time.monotonic() + 30  # Ray replicas push their counters every 0.5 s
+        deadline = time.monotonic() + 30  # Ray replicas push their counters every 0.5 s: wait until every push is in
         while True:
             stats = json.loads(http(f"{base}/stats")[1])
-            if stats["requests"] == len(replies) or time.monotonic() > deadline:
+            settled = (stats["requests"] == len(replies) and stats["errors"] == sum(errors.values())
+                       and stats["replicas"] == replicas)
+            if settled or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         n = len(replies)
@@ -279,7 +281,7 @@ class TestServe:
         assert stats["errors"] == sum(errors.values())
         assert stats["errors_by_status"] == {str(k): v for k, v in sorted(errors.items())}
         assert stats["shed"] == errors.get(503, 0) and stats["expired"] == 0
-        assert stats["replicas"] == replicas and stats["replica_states"] == {"RUNNING": replicas}
+        assert stats["replicas"] == replicas and stats["replica_states"] == {"RUNNING": replicas}, stats["replica_states"]
         per = stats["per_replica"]
         assert len(per) == replicas, per  # 40+ requests, 24 of them concurrent: both Ray replicas served some
         assert sum(r["requests"] for r in per.values()) == n
