@@ -170,11 +170,13 @@ def test_an_idle_batcher_admits_what_a_stale_latency_model_would_shed():
         assert batcher.submit(image(1)).result(30).depth == 1  # idle: admitted although predicted to miss
         with pytest.raises(Overloaded):
             batcher.submit(image(2), deadline=batcher.clock() + 0.05)  # a client's deadline no depth can make
-    with held_batch(ctl, max_batch_size=4, shed=True) as batcher:  # busy: the prediction decides
+    assert [r[0] for r in ctl.ran] == [1.0]
+    busy = StubController(slo_ms=1000.0, shallowest_ms=5000.0, predicted_ms=5000.0)
+    with held_batch(busy, max_batch_size=4, shed=True) as batcher:  # a batch runs: the prediction decides
         with pytest.raises(Overloaded, match="past the deadline"):
             batcher.submit(image(3))
-        ctl.hold.set()
-    assert [r[0] for r in ctl.ran] == [1.0, 0.0]
+        busy.hold.set()
+    assert [r[0] for r in busy.ran] == [0.0]
 
 
 def test_admission_waits_for_the_running_batchs_predicted_end():
