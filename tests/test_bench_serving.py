@@ -348,7 +348,7 @@ def test_tiny_inprocess_run(tiny_checkpoint, tmp_path):
         # the busy process ran during the contention phase: judged by the CPU time it got, not by wall time
         busy = run["contention_process"]
         assert len(busy) == 1 and busy[0]["phase"] == "contention"
-        assert busy[0]["cpu_s"] > 0 and 0 < busy[0]["core_share"] <= 1.05
+        assert busy[0]["cpu_s"] > 0 and busy[0]["core_share"] > 0  # no upper bound: start and stop lag the phase on a busy machine
     ee = [o["name"] for o in mode["policies"]["controller+ee"]["options"]]
     assert any(n.startswith("early_exit") for n in ee)
     assert not any(n.startswith("early_exit") for n in (o["name"] for o in mode["policies"]["controller"]["options"]))
