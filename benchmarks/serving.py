@@ -787,8 +787,9 @@ class RssSampler:
         self.pids, self.period_s = pids, float(period_s)
         self.samples: List[Tuple[float, float, int]] = []
         self.error = ""
+        self.join_s = 10.0  # longest wait for the thread at stop()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
 
     def sample(self) -> None:
         values = [v for v in (vm_rss_mib(p) for p in self.pids()) if math.isfinite(v)]
@@ -810,7 +811,7 @@ class RssSampler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10)
+        self._thread.join(self.join_s)
 
 
 def replica_pids(session: Sequence[int]) -> List[int]:
@@ -1281,34 +1282,24 @@ def autoscaling_config(args: argparse.Namespace) -> Dict[str, Any]:
             "downscale_delay_s": 600.0, "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
 
 
-class StatsPoller:
+class StatsPoller(RssSampler):
     """``GET /stats`` every ``period_s`` on a thread: ``samples`` of ``(perf_counter time, replicas RUNNING,
-    {replica: requests answered})``."""
+    {replica: requests answered})``. A failed poll (a slow or refused ``/stats`` under load) is skipped, not fatal."""
 
     def __init__(self, get: Callable[[], Dict[str, Any]], period_s: float = 0.5) -> None:
-        self.get, self.period_s = get, float(period_s)
-        self.samples: List[Tuple[float, int, Dict[str, int]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stats-poller", daemon=True)
+        super().__init__(lambda: [], period_s)
+        self.get = get
+        self.join_s = 35.0  # a /stats call in flight may take up to its 30-s timeout
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                st = self.get()
-                answered = {r: int(v.get("requests") or 0) for r, v in (st.get("per_replica") or {}).items()}
-                running = int((st.get("cluster") or {}).get("replicas") or len(answered))
-                self.samples.append((time.perf_counter(), running, answered))
-            except Exception:  # a slow or refused /stats under load: the next poll tries again
-                pass
-            self._stop.wait(self.period_s)
+    def sample(self) -> None:
+        try:
+            st = self.get()
+        except Exception:  # the next poll tries again
+            return
+        answered = {r: int(v.get("requests") or 0) for r, v in (st.get("per_replica") or {}).items()}
+        running = int((st.get("cluster") or {}).get("replicas") or len(answered))
+        self.samples.append((time.perf_counter(), running, answered))
 
-    def start(self) -> "StatsPoller":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(35)
 
 
 def second_replica(samples: Sequence[Tuple[float, int, Mapping[str, int]]], start: float) -> Dict[str, float]:
